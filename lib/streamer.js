@@ -1,0 +1,334 @@
+'use strict';
+// UltimateStreamer: a Node EventEmitter over the native engine. This file only converts values
+// (JSON in and out), keeps the promises of in-flight calls, and runs listeners so that one
+// throwing listener cannot stop the others. Ordering, dedupe, caching and batching are native.
+
+const { EventEmitter } = require('node:events');
+const { NativeStreamer } = require('../native/index.js');
+const { UspError, fromNative, describe } = require('./errors');
+
+const CHANGE_TYPES = ['insert', 'update', 'delete'];
+const MAX_ID = 0x7fffffff;
+
+function checkKey(key) {
+  if (typeof key !== 'string') {
+    throw new UspError('USP_INVALID_KEY', `the key must be a string, got ${describe(key)}`);
+  }
+}
+
+function refuseNonJson(k, v) {
+  const t = typeof v;
+  if (t === 'function' || t === 'symbol') {
+    throw new UspError(
+      'USP_INVALID_VALUE',
+      `the value contains a ${t}${k ? ` at property '${k}'` : ''}; only JSON data (objects, arrays, strings, numbers, booleans, null) can be stored`,
+    );
+  }
+  return v;
+}
+
+function toJson(data) {
+  if (data === undefined) {
+    throw new UspError('USP_INVALID_VALUE', 'the value is undefined; store null, or call delete(key) to remove the key');
+  }
+  let json;
+  try {
+    json = JSON.stringify(data, refuseNonJson);
+  } catch (e) {
+    if (e instanceof UspError) throw e;
+    const why = /circular/i.test(e.message)
+      ? 'it contains a circular reference'
+      : /BigInt/i.test(e.message)
+        ? 'it contains a BigInt (convert it to a string or number first)'
+        : e.message;
+    throw new UspError('USP_INVALID_VALUE', `the value cannot be stored as JSON: ${why}`, { cause: e });
+  }
+  if (json === undefined) {
+    throw new UspError('USP_INVALID_VALUE', `the value (${describe(data)}) has no JSON form`);
+  }
+  return json;
+}
+
+function configJson(config) {
+  if (config === undefined || config === null) return null;
+  if (typeof config !== 'object' || Array.isArray(config)) {
+    throw new UspError('USP_INVALID_CONFIG', `the config must be an object, got ${describe(config)}`);
+  }
+  try {
+    return JSON.stringify(config, (k, v) => {
+      const t = typeof v;
+      if (t === 'function' || t === 'symbol' || t === 'bigint') {
+        throw new UspError('USP_INVALID_CONFIG', `option \`${k}\` must be plain data, got a ${t}`);
+      }
+      return v;
+    });
+  } catch (e) {
+    if (e instanceof UspError) throw e;
+    throw new UspError('USP_INVALID_CONFIG', `the config cannot be read: ${e.message}`);
+  }
+}
+
+function filterOptions(options) {
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) {
+    throw new UspError('USP_INVALID_ARGUMENT', `listener options must be an object like { prefix: 'price:' }, got ${describe(options)}`);
+  }
+  for (const k of Object.keys(options)) {
+    if (k !== 'prefix') throw new UspError('USP_INVALID_ARGUMENT', `unknown listener option \`${k}\`; allowed: prefix`);
+  }
+  if (typeof options.prefix !== 'string') {
+    throw new UspError('USP_INVALID_ARGUMENT', `listener option \`prefix\` must be a string, got ${describe(options.prefix)}`);
+  }
+  return options.prefix;
+}
+
+class UltimateStreamer extends EventEmitter {
+  #native;
+  #configured;
+  #pending = new Map();
+  #nextId = 1;
+  #initPromise = null;
+  #closePromise = null;
+
+  /**
+   * @param {object} [config] nested ({ database, connection, options }) or flat ({ dbType, host, ... }) shape;
+   *   omitted = embedded SQLite file `ultimate-streaming.db`.
+   */
+  constructor(config) {
+    super();
+    try {
+      this.#native = new NativeStreamer(configJson(config));
+    } catch (e) {
+      throw fromNative(e);
+    }
+    this.#configured = config !== undefined && config !== null;
+  }
+
+  #id() {
+    const id = this.#nextId;
+    this.#nextId = id >= MAX_ID ? 1 : id + 1;
+    return id;
+  }
+
+  #wait(id, key) {
+    return new Promise((resolve, reject) => this.#pending.set(id, { resolve, reject, key }));
+  }
+
+  /**
+   * Opens the store and starts capture. Resolves when changes are being captured.
+   * @param {object} [config] the config, if none was given to the constructor
+   */
+  init(config) {
+    if (this.#initPromise) {
+      if (config !== undefined) {
+        return Promise.reject(new UspError('USP_ALREADY_INITIALIZED', 'init(config) was already called; create a new UltimateStreamer for another config'));
+      }
+      return this.#initPromise;
+    }
+    try {
+      if (config !== undefined && config !== null) {
+        if (this.#configured) {
+          throw new UspError('USP_INVALID_ARGUMENT', 'a config was given to both the constructor and init(); give it once');
+        }
+        this.#native = new NativeStreamer(configJson(config));
+        this.#configured = true;
+      }
+      const id = this.#id();
+      this.#native.init(
+        id,
+        (json, at) => this.#onEvents(json, at),
+        (json) => this.#onComplete(json),
+      );
+      this.#initPromise = this.#wait(id).then(() => {
+        this.emit('ready');
+      });
+    } catch (e) {
+      return Promise.reject(fromNative(e));
+    }
+    return this.#initPromise;
+  }
+
+  /**
+   * Upserts `data` (any JSON value) under `key`. Resolves with `{ key, version }` once committed.
+   */
+  push(key, data) {
+    try {
+      checkKey(key);
+      const json = toJson(data);
+      const id = this.#id();
+      this.#native.push(id, key, json);
+      return this.#wait(id, key);
+    } catch (e) {
+      return Promise.reject(fromNative(e));
+    }
+  }
+
+  /** The current value of `key` (cache first, then the store), or null when absent. */
+  get(key) {
+    try {
+      checkKey(key);
+      const id = this.#id();
+      const hit = this.#native.get(id, key);
+      if (typeof hit === 'string') return Promise.resolve(JSON.parse(hit));
+      return this.#wait(id, key);
+    } catch (e) {
+      return Promise.reject(fromNative(e));
+    }
+  }
+
+  /** Deletes `key`. Resolves true when it existed, false otherwise. */
+  delete(key) {
+    try {
+      checkKey(key);
+      const id = this.#id();
+      this.#native.delete(id, key);
+      return this.#wait(id, key);
+    } catch (e) {
+      return Promise.reject(fromNative(e));
+    }
+  }
+
+  /** A snapshot of mode, throughput, latency, cache, queues and errors. Never contains secrets. */
+  getStatus() {
+    try {
+      return JSON.parse(this.#native.status());
+    } catch (e) {
+      throw fromNative(e);
+    }
+  }
+
+  /** Stops capture and delivery after queued work is done; resolves when everything stopped. */
+  close() {
+    if (this.#closePromise) return this.#closePromise;
+    let p;
+    try {
+      const id = this.#id();
+      p = this.#native.close(id) ? Promise.resolve() : this.#wait(id);
+    } catch (e) {
+      p = Promise.reject(fromNative(e));
+    }
+    this.#closePromise = p.then(() => {
+      for (const [, w] of this.#pending) w.reject(new UspError('USP_CLOSED', 'the streamer was closed before this call completed'));
+      this.#pending.clear();
+      this.emit('close');
+    });
+    return this.#closePromise;
+  }
+
+  /**
+   * Adds a listener; `on(event, { prefix }, listener)` only receives changes whose key starts
+   * with `prefix`.
+   */
+  on(event, optionsOrListener, maybeListener) {
+    if (maybeListener === undefined) return super.on(event, optionsOrListener);
+    return super.on(event, this.#filtered(optionsOrListener, maybeListener, false, event));
+  }
+
+  addListener(event, optionsOrListener, maybeListener) {
+    return this.on(event, optionsOrListener, maybeListener);
+  }
+
+  once(event, optionsOrListener, maybeListener) {
+    if (maybeListener === undefined) return super.once(event, optionsOrListener);
+    return super.on(event, this.#filtered(optionsOrListener, maybeListener, true, event));
+  }
+
+  #filtered(options, listener, once, event) {
+    const prefix = filterOptions(options);
+    if (typeof listener !== 'function') {
+      throw new UspError('USP_INVALID_ARGUMENT', `the listener must be a function, got ${describe(listener)}`);
+    }
+    const self = this;
+    function filtered(e) {
+      if (e === null || typeof e !== 'object' || typeof e.key !== 'string' || !e.key.startsWith(prefix)) return undefined;
+      if (once) self.removeListener(event, filtered);
+      return listener.call(this, e);
+    }
+    // EventEmitter's removeListener(event, listener) matches `.listener`, so off() works.
+    filtered.listener = listener;
+    return filtered;
+  }
+
+  #onEvents(json, dispatchedAt) {
+    let events;
+    try {
+      events = JSON.parse(json);
+    } catch (e) {
+      this.#listenerError(new UspError('USP_INTERNAL', `an event batch could not be decoded: ${e.message}`), 'batch');
+      return;
+    }
+    const change = this.rawListeners('change');
+    const typed = {
+      insert: this.rawListeners('insert'),
+      update: this.rawListeners('update'),
+      delete: this.rawListeners('delete'),
+    };
+    const perEvent = change.length + typed.insert.length + typed.update.length + typed.delete.length > 0;
+    for (const e of events) {
+      if (e.type === 'resync') {
+        this.#emitSafe(this.rawListeners('resync'), 'resync', e);
+        continue;
+      }
+      e.latency = dispatchedAt - e.timestamp;
+      if (!perEvent) continue;
+      if (change.length) this.#emitSafe(change, 'change', e);
+      const ls = typed[e.type];
+      if (ls && ls.length) this.#emitSafe(ls, e.type, e);
+    }
+    const batch = this.rawListeners('batch');
+    if (batch.length) this.#emitSafe(batch, 'batch', events);
+  }
+
+  #emitSafe(listeners, name, arg) {
+    for (let i = 0; i < listeners.length; i++) {
+      try {
+        listeners[i].call(this, arg);
+      } catch (err) {
+        this.#listenerError(err, name);
+      }
+    }
+  }
+
+  #listenerError(err, name) {
+    const msg = err && err.message ? err.message : String(err);
+    try {
+      this.#native.reportListenerError(`'${name}' listener: ${msg}`);
+    } catch {
+      // The engine may be closed; counting is best effort.
+    }
+    const wrapped = new UspError('USP_LISTENER_ERROR', `a '${name}' listener threw: ${msg}`, { cause: err });
+    if (name !== 'error' && this.listenerCount('error') > 0) {
+      this.#emitSafe(this.rawListeners('error'), 'error', wrapped);
+    } else {
+      process.emitWarning(wrapped.message, { code: 'USP_LISTENER_ERROR' });
+    }
+  }
+
+  #onComplete(json) {
+    let done;
+    try {
+      done = JSON.parse(json);
+    } catch (e) {
+      this.#listenerError(new UspError('USP_INTERNAL', `a completion batch could not be decoded: ${e.message}`), 'complete');
+      return;
+    }
+    for (const c of done) {
+      const w = this.#pending.get(c[0]);
+      if (!w) continue;
+      this.#pending.delete(c[0]);
+      switch (c[1]) {
+        case 'p':
+          w.resolve({ key: w.key, version: c[2] });
+          break;
+        case 'e':
+          w.reject(new UspError(c[2], c[3]));
+          break;
+        default: // 'r' ready, 'd' deleted, 'g' got, 'c' closed
+          w.resolve(c[2] === undefined ? undefined : c[2]);
+      }
+    }
+  }
+}
+
+UltimateStreamer.CHANGE_TYPES = CHANGE_TYPES;
+
+module.exports = { UltimateStreamer };

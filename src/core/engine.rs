@@ -1,0 +1,369 @@
+//! The engine: wires a store/source, the core and the batcher for one streamer, and is the
+//! whole API the binding calls. Each call validates, then hands off to a thread; nothing here
+//! blocks on the database.
+
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::batcher::{self, BatchOptions};
+use super::cache::Cache;
+use super::Core;
+use crate::config::{Backend, Config};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::sink::BatchSink;
+use crate::source::sqlite::StoreThread;
+use crate::store::{Completion, CompletionSink, Op};
+
+enum State {
+    Created,
+    Running(Running),
+    Closed,
+}
+
+struct Running {
+    core: Arc<Core>,
+    ops: SyncSender<Op>,
+    ready: Arc<AtomicBool>,
+    connected: Arc<AtomicBool>,
+}
+
+/// One streamer's engine.
+pub struct Engine {
+    config: Config,
+    metrics: Arc<Metrics>,
+    // Held for a check and a channel send per call; never across database work.
+    state: Mutex<State>,
+}
+
+/// Result of a `get`: settled now from the cache, or pending (a completion will follow).
+#[derive(Debug, PartialEq)]
+pub enum Lookup {
+    /// JSON text of the value, or `None` when the key is absent or deleted.
+    Hit(Option<Arc<str>>),
+    Pending,
+}
+
+/// Checks a key: non-empty, at most `max_chars` characters, no NUL.
+pub fn validate_key(key: &str, max_chars: usize) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::InvalidKey(
+            "the key is an empty string; use a non-empty string such as 'price:BTC'".into(),
+        ));
+    }
+    let n = key.chars().count();
+    if n > max_chars {
+        return Err(Error::InvalidKey(format!(
+            "the key is {n} characters long; the limit is {max_chars} (option maxKeyLength)"
+        )));
+    }
+    if key.contains('\0') {
+        return Err(Error::InvalidKey(
+            "the key contains a NUL character, which databases refuse".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Validates the backend choice and sets up logging. Nothing is opened yet.
+    pub fn new(config: Config) -> Result<Engine> {
+        crate::logging::init(config.log_level.as_deref());
+        match &config.backend {
+            Backend::Sqlite(_) => {}
+            Backend::Mysql(_) | Backend::Mongodb(_) => {
+                return Err(Error::UnsupportedBackend(format!(
+                    "database '{}' is not available yet in this version; use the embedded default (omit `database`, or 'sqlite')",
+                    config.backend.name()
+                )))
+            }
+        }
+        Ok(Engine {
+            config,
+            metrics: Arc::new(Metrics::new()),
+            state: Mutex::new(State::Created),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Starts the threads. `id` is settled with `Ready` or `Failed` through `completions`.
+    pub fn init(
+        &self,
+        id: u32,
+        events: Arc<dyn BatchSink>,
+        completions: Arc<dyn CompletionSink>,
+    ) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match *st {
+            State::Created => {}
+            State::Running(_) => return Err(Error::AlreadyInitialized),
+            State::Closed => return Err(Error::Closed("init()")),
+        }
+        let cfg = &self.config;
+        let Backend::Sqlite(sqlite) = &cfg.backend else {
+            return Err(Error::Internal("unsupported backend reached init".into()));
+        };
+        let (feed_tx, feed_rx) = sync_channel(cfg.queue_size + 16);
+        let cache = cfg
+            .enable_cache
+            .then(|| Cache::new(cfg.cache_max_bytes, cfg.cache_ttl_ms));
+        let core = Arc::new(Core::new(
+            cache,
+            cfg.history_size,
+            cfg.dedupe_capacity,
+            self.metrics.clone(),
+            feed_tx,
+            cfg.queue_size,
+        ));
+        let (ops_tx, ops_rx) = sync_channel(cfg.write_queue_size);
+        let ready = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(AtomicBool::new(false));
+        let close_id = Arc::new(AtomicU64::new(u64::MAX));
+
+        let opts = BatchOptions {
+            batch_size: cfg.batch_size,
+            batch_timeout: Duration::from_millis(cfg.batch_timeout_ms),
+            max_in_flight: cfg.max_in_flight_batches,
+            drain_timeout: Duration::from_secs(5),
+        };
+        let metrics = self.metrics.clone();
+        let done = completions.clone();
+        let close_for_batcher = close_id.clone();
+        std::thread::Builder::new()
+            .name("usp-deliver".into())
+            .spawn(move || {
+                batcher::run(feed_rx, events, opts, metrics);
+                let id = close_for_batcher.load(Relaxed);
+                if id != u64::MAX {
+                    done.complete(vec![Completion::Closed { id: id as u32 }]);
+                }
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the delivery thread: {e}")))?;
+        let store = StoreThread {
+            cfg: sqlite.clone(),
+            write_batch_size: cfg.write_batch_size,
+            core: core.clone(),
+            completions,
+            rx: ops_rx,
+            init_id: id,
+            ready: ready.clone(),
+            connected: connected.clone(),
+            close_id,
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("usp-sqlite".into())
+            .spawn(move || store.run())
+        {
+            core.stop();
+            return Err(Error::Internal(format!(
+                "cannot start the store thread: {e}"
+            )));
+        }
+        *st = State::Running(Running {
+            core,
+            ops: ops_tx,
+            ready,
+            connected,
+        });
+        Ok(())
+    }
+
+    fn submit(&self, what: &'static str, op: Op) -> Result<()> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let r = match &*st {
+            State::Created => return Err(Error::NotInitialized(what)),
+            State::Closed => return Err(Error::Closed(what)),
+            State::Running(r) => r,
+        };
+        if !r.ready.load(Relaxed) {
+            return Err(Error::NotInitialized(what));
+        }
+        self.metrics.write_queue_depth.fetch_add(1, Relaxed);
+        match r.ops.try_send(op) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.metrics.write_queue_depth.fetch_sub(1, Relaxed);
+                match e {
+                    TrySendError::Full(_) => Err(Error::Overloaded(format!(
+                        "{what} refused: {} operations are already waiting for the store (option writeQueueSize); await earlier calls before sending more",
+                        self.config.write_queue_size
+                    ))),
+                    TrySendError::Disconnected(_) => Err(Error::Closed(what)),
+                }
+            }
+        }
+    }
+
+    /// Queues an upsert of `json` (a JSON text) under `key`.
+    pub fn push(&self, id: u32, key: &str, json: String) -> Result<()> {
+        validate_key(key, self.config.max_key_length)?;
+        if json.len() > self.config.max_value_size {
+            return Err(Error::ValueTooLarge(format!(
+                "the value is {} bytes as JSON; the limit is {} bytes (option maxValueSize)",
+                json.len(),
+                self.config.max_value_size
+            )));
+        }
+        self.submit(
+            "push()",
+            Op::Put {
+                id,
+                key: key.into(),
+                json,
+            },
+        )
+    }
+
+    /// Queues a delete of `key`.
+    pub fn delete(&self, id: u32, key: &str) -> Result<()> {
+        validate_key(key, self.config.max_key_length)?;
+        self.submit(
+            "delete()",
+            Op::Delete {
+                id,
+                key: key.into(),
+            },
+        )
+    }
+
+    /// Answers from the cache, or queues a store read.
+    pub fn get(&self, id: u32, key: &str) -> Result<Lookup> {
+        validate_key(key, self.config.max_key_length)?;
+        {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            match &*st {
+                State::Created => return Err(Error::NotInitialized("get()")),
+                State::Closed => return Err(Error::Closed("get()")),
+                State::Running(r) => {
+                    if !r.ready.load(Relaxed) {
+                        return Err(Error::NotInitialized("get()"));
+                    }
+                    if let Some(hit) = r.core.cache.as_ref().and_then(|c| c.get(key)) {
+                        return Ok(Lookup::Hit(hit.value));
+                    }
+                }
+            }
+        }
+        self.submit(
+            "get()",
+            Op::Get {
+                id,
+                key: key.into(),
+            },
+        )
+        .map(|_| Lookup::Pending)
+    }
+
+    /// Stops everything. Returns true when nothing was running (settled now); otherwise `id` is
+    /// settled with `Closed` once queued work is done and delivery has drained.
+    pub fn close(&self, id: u32) -> Result<bool> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match std::mem::replace(&mut *st, State::Closed) {
+            State::Created | State::Closed => Ok(true),
+            State::Running(r) => {
+                // Blocking send: the store thread never waits on JavaScript, so room frees up.
+                self.metrics.write_queue_depth.fetch_add(1, Relaxed);
+                if r.ops.send(Op::Shutdown { id }).is_err() {
+                    // The store thread is gone (failed init): delivery is stopped already.
+                    self.metrics.write_queue_depth.fetch_sub(1, Relaxed);
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Counts an exception thrown by a JavaScript listener.
+    pub fn record_listener_error(&self, message: &str) {
+        self.metrics.listener_errors.fetch_add(1, Relaxed);
+        self.metrics.errors_recoverable.fetch_add(1, Relaxed);
+        self.metrics.set_last_error("USP_LISTENER_ERROR", message);
+    }
+
+    /// A snapshot of the engine for `getStatus()`. Contains no secret.
+    pub fn status(&self) -> Value {
+        let m = &self.metrics;
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (mode, initialized, closed, connected, core) = match &*st {
+            State::Created => ("idle", false, false, false, None),
+            State::Closed => ("closed", false, true, false, None),
+            State::Running(r) => {
+                let ready = r.ready.load(Relaxed);
+                (
+                    if ready { "changelog" } else { "starting" },
+                    ready,
+                    false,
+                    r.connected.load(Relaxed),
+                    Some(r.core.clone()),
+                )
+            }
+        };
+        drop(st);
+        let c = &self.config;
+        let cache = match core.as_ref().and_then(|c| c.cache.as_ref()) {
+            Some(cache) => {
+                let s = cache.stats();
+                json!({ "enabled": true, "hits": s.hits, "misses": s.misses, "hitRatio": s.hit_ratio,
+                        "size": s.size, "bytes": s.bytes, "maxBytes": s.max_bytes, "ttlMs": c.cache_ttl_ms })
+            }
+            None => {
+                json!({ "enabled": c.enable_cache, "hits": 0, "misses": 0, "hitRatio": 0.0, "size": 0,
+                             "bytes": 0, "maxBytes": c.cache_max_bytes, "ttlMs": c.cache_ttl_ms })
+            }
+        };
+        let lat = m.latency();
+        let last = m
+            .last_error()
+            .map(|(code, message, at)| json!({ "code": code, "message": message, "at": at }));
+        json!({
+            "mode": mode,
+            "connected": connected,
+            "initialized": initialized,
+            "closed": closed,
+            "backend": c.backend_summary(),
+            "events": {
+                "captured": m.events_captured.load(Relaxed),
+                "emitted": m.events_emitted.load(Relaxed),
+                "deduplicated": m.events_deduplicated.load(Relaxed),
+                "perSecond": m.emit_rate.per_second(),
+                "batches": m.batches_emitted.load(Relaxed),
+                "maxBatch": m.batch_max.load(Relaxed),
+                "resyncs": m.resyncs.load(Relaxed),
+            },
+            "latency": { "count": lat.count, "p50": lat.p50, "p95": lat.p95, "p99": lat.p99, "max": lat.max, "mean": lat.mean },
+            "cache": cache,
+            "queues": {
+                "writes": { "depth": m.write_queue_depth.load(Relaxed), "capacity": c.write_queue_size },
+                "delivery": { "depth": m.dispatch_queue_depth.load(Relaxed), "capacity": c.queue_size },
+                "inFlightBatches": { "depth": m.in_flight_batches.load(Relaxed), "capacity": c.max_in_flight_batches },
+            },
+            "store": {
+                "transactions": m.transactions.load(Relaxed),
+                "writes": m.writes.load(Relaxed),
+                "position": m.source_position.load(Relaxed),
+            },
+            "history": {
+                "size": core.as_ref().map_or(0, |c| c.history_len()),
+                "capacity": c.history_size,
+                "lastSeq": core.as_ref().map_or(0, |c| c.last_seq()),
+            },
+            "errors": {
+                "recoverable": m.errors_recoverable.load(Relaxed),
+                "fatal": m.errors_fatal.load(Relaxed),
+                "listener": m.listener_errors.load(Relaxed),
+                "last": last,
+            },
+            "uptimeMs": m.started.elapsed().as_millis() as u64,
+        })
+    }
+}

@@ -1,0 +1,139 @@
+//! The core: ordering/dedupe, the cache, the history ring and the hand-off to the adaptive
+//! batcher. It is fed `Change`s by a source and never knows which database it is fed by.
+
+pub mod batcher;
+pub mod cache;
+pub mod engine;
+pub mod history;
+pub mod order;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex};
+
+use crate::event::{Change, Event};
+use crate::metrics::Metrics;
+use batcher::Feed;
+use cache::{Cache, CacheEntry};
+use history::History;
+use order::{Admission, Sequencer};
+
+/// Shared state between the source thread, the batcher and the API.
+pub struct Core {
+    // Held only for the few map operations of one ingest call.
+    sequencer: Mutex<Sequencer>,
+    pub cache: Option<Cache>,
+    history: Mutex<History>,
+    pub metrics: Arc<Metrics>,
+    out: SyncSender<Feed>,
+    queue_size: usize,
+}
+
+impl Core {
+    pub fn new(
+        cache: Option<Cache>,
+        history_size: usize,
+        dedupe_capacity: usize,
+        metrics: Arc<Metrics>,
+        out: SyncSender<Feed>,
+        queue_size: usize,
+    ) -> Core {
+        Core {
+            sequencer: Mutex::new(Sequencer::new(dedupe_capacity)),
+            cache,
+            history: Mutex::new(History::new(history_size)),
+            metrics,
+            out,
+            queue_size,
+        }
+    }
+
+    /// How many more events the delivery queue takes without blocking. A source reads at most
+    /// this many: a slow consumer leaves changes in the database's log, not in memory.
+    pub fn free_capacity(&self) -> usize {
+        self.queue_size
+            .saturating_sub(self.metrics.dispatch_queue_depth.load(Relaxed))
+    }
+
+    /// Admits new changes (in source order), updates the cache and history, and queues them for
+    /// delivery. Returns how many were admitted.
+    pub fn ingest(&self, changes: Vec<Change>) -> usize {
+        let mut admitted = Vec::with_capacity(changes.len());
+        {
+            let mut seq = self.sequencer.lock().unwrap_or_else(|p| p.into_inner());
+            for mut c in changes {
+                match seq.admit(&mut c) {
+                    Admission::Accept(_) => admitted.push(Arc::new(c)),
+                    Admission::DuplicatePosition | Admission::StaleVersion => {
+                        self.metrics.events_deduplicated.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+        let n = admitted.len();
+        if n == 0 {
+            return 0;
+        }
+        if let Some(cache) = &self.cache {
+            for c in &admitted {
+                cache.offer(
+                    c.key.clone(),
+                    CacheEntry {
+                        version: c.version,
+                        value: c.data.clone(),
+                    },
+                );
+            }
+        }
+        {
+            let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            for c in &admitted {
+                h.push(c.seq, Event::Change(c.clone()));
+            }
+        }
+        self.metrics.events_captured.fetch_add(n as u64, Relaxed);
+        for c in admitted {
+            self.send(Event::Change(c));
+        }
+        n
+    }
+
+    /// Queues a control event (resync) for delivery.
+    pub fn send(&self, e: Event) {
+        self.metrics.dispatch_queue_depth.fetch_add(1, Relaxed);
+        if self.out.send(Feed::Event(e)).is_err() {
+            self.metrics.dispatch_queue_depth.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Tells the batcher no more events will come.
+    pub fn stop(&self) {
+        let _ = self.out.send(Feed::Stop);
+    }
+
+    /// Fills the cache after a store read, unless a newer change of the key was already seen.
+    pub fn fill_cache(&self, key: Arc<str>, entry: CacheEntry) {
+        if let Some(cache) = &self.cache {
+            let newer_seen = {
+                let seq = self.sequencer.lock().unwrap_or_else(|p| p.into_inner());
+                matches!(seq.last_version(&key), Some(v) if v > entry.version)
+            };
+            if !newer_seen {
+                cache.offer(key, entry);
+            }
+        }
+    }
+
+    /// The last global seq handed out.
+    pub fn last_seq(&self) -> u64 {
+        self.sequencer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_seq()
+    }
+
+    /// Events held in the history ring.
+    pub fn history_len(&self) -> usize {
+        self.history.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}

@@ -1,0 +1,204 @@
+//! What flows through the engine: changes captured from a store, control events, and the
+//! positions (checkpoints) that say where in a source's log a change came from.
+
+use std::sync::Arc;
+
+/// Position in the embedded SQLite change log (its `seq` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChangeLogSeq(pub u64);
+
+/// Where a change came from in its source's log. Typed per source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    ChangeLog(ChangeLogSeq),
+}
+
+impl Position {
+    /// A totally ordered number for dedupe by source position within one source.
+    pub fn ordinal(&self) -> u64 {
+        match self {
+            Position::ChangeLog(s) => s.0,
+        }
+    }
+}
+
+/// Kind of a data change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl ChangeKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ChangeKind::Insert => "insert",
+            ChangeKind::Update => "update",
+            ChangeKind::Delete => "delete",
+        }
+    }
+}
+
+/// One committed change of one key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub kind: ChangeKind,
+    pub key: Arc<str>,
+    /// The value as JSON text; `None` for deletes.
+    pub data: Option<Arc<str>>,
+    /// Per-key version assigned by the database in the write itself.
+    pub version: u64,
+    /// Global sequence number assigned by the core on admission (0 before).
+    pub seq: u64,
+    pub position: Position,
+    /// Source name shown to users ("sqlite").
+    pub source: &'static str,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_ts_us: i64,
+}
+
+/// What the delivery sinks receive.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Change(Arc<Change>),
+    /// The source could not resume from its checkpoint and continues from `to`; changes in
+    /// between were not delivered. Never silent.
+    Resync {
+        source: &'static str,
+        reason: String,
+        from: u64,
+        to: u64,
+    },
+}
+
+impl Event {
+    /// Commit time of a data change, if it is one.
+    pub fn commit_ts_us(&self) -> Option<i64> {
+        match self {
+            Event::Change(c) => Some(c.commit_ts_us),
+            Event::Resync { .. } => None,
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Encodes a batch as one JSON array: the cheapest shape to hand to JavaScript (one string,
+/// one `JSON.parse`), and the payload the WebSocket hub will reuse. Values are embedded as the
+/// JSON text they were stored as, never re-parsed.
+pub fn encode_batch(events: &[Event]) -> String {
+    let cap: usize = events
+        .iter()
+        .map(|e| match e {
+            Event::Change(c) => 128 + c.key.len() + c.data.as_ref().map_or(4, |d| d.len()),
+            Event::Resync { reason, .. } => 96 + reason.len(),
+        })
+        .sum();
+    let mut out = String::with_capacity(cap + 2);
+    out.push('[');
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match e {
+            Event::Change(c) => {
+                out.push_str("{\"type\":\"");
+                out.push_str(c.kind.as_str());
+                out.push_str("\",\"key\":");
+                push_json_string(&mut out, &c.key);
+                out.push_str(",\"data\":");
+                out.push_str(c.data.as_deref().unwrap_or("null"));
+                out.push_str(&format!(
+                    ",\"version\":{},\"seq\":{},\"source\":\"{}\",\"timestamp\":{}}}",
+                    c.version,
+                    c.seq,
+                    c.source,
+                    c.commit_ts_us as f64 / 1000.0
+                ));
+            }
+            Event::Resync {
+                source,
+                reason,
+                from,
+                to,
+            } => {
+                out.push_str("{\"type\":\"resync\",\"source\":\"");
+                out.push_str(source);
+                out.push_str("\",\"reason\":");
+                push_json_string(&mut out, reason);
+                out.push_str(&format!(",\"from\":{from},\"to\":{to}}}"));
+            }
+        }
+    }
+    out.push(']');
+    out
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn push_json_string(out: &mut String, s: &str) {
+    // serde_json's escaping is correct for every code point; writing into a String cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string()));
+}
+
+/// True when `s` is one complete JSON value.
+pub fn is_valid_json(s: &str) -> bool {
+    serde_json::from_str::<&serde_json::value::RawValue>(s).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(key: &str, data: Option<&str>, kind: ChangeKind) -> Event {
+        Event::Change(Arc::new(Change {
+            kind,
+            key: key.into(),
+            data: data.map(Into::into),
+            version: 3,
+            seq: 9,
+            position: Position::ChangeLog(ChangeLogSeq(4)),
+            source: "sqlite",
+            commit_ts_us: 1_700_000_000_123_456,
+        }))
+    }
+
+    #[test]
+    fn batch_encodes_to_valid_json_with_raw_values() {
+        let s = encode_batch(&[
+            change("a\"b\n", Some(r#"{"x":[1,2]}"#), ChangeKind::Update),
+            change("k", None, ChangeKind::Delete),
+            Event::Resync {
+                source: "sqlite",
+                reason: "pruned".into(),
+                from: 1,
+                to: 5,
+            },
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v[0]["key"], "a\"b\n");
+        assert_eq!(v[0]["data"]["x"][1], 2);
+        assert_eq!(v[0]["type"], "update");
+        assert_eq!(v[0]["timestamp"].as_f64().unwrap(), 1_700_000_000_123.456);
+        assert_eq!(v[1]["data"], serde_json::Value::Null);
+        assert_eq!(v[1]["type"], "delete");
+        assert_eq!(v[2]["type"], "resync");
+        assert_eq!(v[2]["to"], 5);
+        assert_eq!(encode_batch(&[]), "[]");
+    }
+
+    #[test]
+    fn json_validation() {
+        assert!(is_valid_json("{\"a\":1}"));
+        assert!(is_valid_json("null"));
+        assert!(!is_valid_json("{a:1}"));
+        assert!(!is_valid_json("1 2"));
+        assert!(!is_valid_json(""));
+    }
+}

@@ -1,0 +1,17 @@
+//! ultimate-streaming's engine. Sources capture committed changes, the core orders, dedupes,
+//! caches and batches them, sinks deliver them. The Node-API binding (feature `node`) is a thin
+//! layer over `core::engine::Engine`; everything else builds and tests without Node.
+#![deny(clippy::all)]
+
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod event;
+pub mod logging;
+pub mod metrics;
+pub mod sink;
+pub mod source;
+pub mod store;
+
+#[cfg(feature = "node")]
+mod binding;

@@ -1,0 +1,671 @@
+//! Embedded SQLite: the KV table, a change log maintained by triggers (so writes of any process
+//! or SQL console are captured), and one thread that owns the connection. That thread commits
+//! queued operations in shared transactions, then tails the change log by `seq` and feeds the
+//! core. Other processes' commits are noticed through `PRAGMA data_version`.
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{validate_identifier, SqliteConfig, Synchronous};
+use crate::core::cache::CacheEntry;
+use crate::core::Core;
+use crate::error::{Error, Result};
+use crate::event::{is_valid_json, now_us, Change, ChangeKind, ChangeLogSeq, Event, Position};
+use crate::store::{Completion, CompletionSink, Op};
+
+/// Rows read from the change log per query at most.
+const TAIL_CHUNK: usize = 4096;
+/// How often old change-log rows are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(5);
+/// SQLite's current time in µs since the epoch (millisecond precision), for writes made by SQL.
+const NOW_US: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
+
+/// The schema: KV table with tombstones, change log, and the triggers that fill it. Versions
+/// are assigned by the database: every logged change carries a version higher than the key's
+/// previous one, also for writes made by plain SQL.
+pub fn schema_sql(t: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t} (
+            k TEXT PRIMARY KEY NOT NULL,
+            v TEXT,
+            version INTEGER NOT NULL DEFAULT 1,
+            deleted INTEGER NOT NULL DEFAULT 0,
+            updated_at INTEGER
+        );
+        CREATE TABLE IF NOT EXISTS {t}_changes (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            k TEXT NOT NULL,
+            v TEXT,
+            version INTEGER NOT NULL,
+            op TEXT NOT NULL,
+            ts INTEGER NOT NULL
+        );
+        CREATE TRIGGER IF NOT EXISTS {t}_log_insert AFTER INSERT ON {t} BEGIN
+            INSERT INTO {t}_changes (k, v, version, op, ts) VALUES (
+                NEW.k, CASE WHEN NEW.deleted THEN NULL ELSE NEW.v END, NEW.version,
+                CASE WHEN NEW.deleted THEN 'delete' ELSE 'insert' END,
+                coalesce(NEW.updated_at, {NOW_US}));
+        END;
+        CREATE TRIGGER IF NOT EXISTS {t}_log_update AFTER UPDATE ON {t} WHEN NEW.version > OLD.version BEGIN
+            INSERT INTO {t}_changes (k, v, version, op, ts) VALUES (
+                NEW.k, CASE WHEN NEW.deleted THEN NULL ELSE NEW.v END, NEW.version,
+                CASE WHEN NEW.deleted THEN 'delete' WHEN OLD.deleted THEN 'insert' ELSE 'update' END,
+                CASE WHEN NEW.updated_at IS NOT NULL AND NEW.updated_at IS NOT OLD.updated_at
+                     THEN NEW.updated_at ELSE {NOW_US} END);
+        END;
+        CREATE TRIGGER IF NOT EXISTS {t}_bump_version AFTER UPDATE ON {t} WHEN NEW.version <= OLD.version BEGIN
+            UPDATE {t} SET version = OLD.version + 1, updated_at = {NOW_US} WHERE k = NEW.k;
+        END;
+        CREATE TRIGGER IF NOT EXISTS {t}_tombstone AFTER DELETE ON {t} WHEN OLD.deleted = 0 BEGIN
+            INSERT INTO {t} (k, v, version, deleted, updated_at) VALUES (OLD.k, NULL, OLD.version + 1, 1, {NOW_US});
+        END;"
+    )
+}
+
+/// Opens the database, applies pragmas and the schema.
+pub fn open(cfg: &SqliteConfig) -> Result<Connection> {
+    validate_identifier(&cfg.table, "table")?;
+    let conn = if cfg.path == ":memory:" {
+        Connection::open_in_memory()
+    } else {
+        Connection::open_with_flags(
+            &cfg.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    }
+    .map_err(|e| {
+        Error::DbUnavailable(format!(
+            "cannot open the SQLite database at {:?} ({e}); check that the directory exists and is writable",
+            cfg.path
+        ))
+    })?;
+    conn.busy_timeout(Duration::from_millis(cfg.busy_timeout_ms))?;
+    if cfg.path != ":memory:" {
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::DbUnavailable(format!(
+                "the SQLite database at {:?} could not switch to WAL mode (got {mode}); is it on a network file system?",
+                cfg.path
+            )));
+        }
+    }
+    let sync = match cfg.synchronous {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.execute_batch(&format!("PRAGMA synchronous={sync};"))?;
+    conn.set_prepared_statement_cache_capacity(32);
+    // Two processes may create the schema at the same time: one IMMEDIATE transaction each.
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE; {} COMMIT;",
+        schema_sql(&cfg.table)
+    ))
+    .map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        Error::from(e)
+    })?;
+    Ok(conn)
+}
+
+/// Everything the store thread needs.
+pub struct StoreThread {
+    pub cfg: SqliteConfig,
+    pub write_batch_size: usize,
+    pub core: Arc<Core>,
+    pub completions: Arc<dyn CompletionSink>,
+    pub rx: Receiver<Op>,
+    pub init_id: u32,
+    pub ready: Arc<AtomicBool>,
+    pub connected: Arc<AtomicBool>,
+    /// Set to the id of the `close()` call to settle once delivery has drained.
+    pub close_id: Arc<AtomicU64>,
+}
+
+struct Store {
+    conn: Connection,
+    t: String,
+    core: Arc<Core>,
+    completions: Arc<dyn CompletionSink>,
+    last_seq: u64,
+    data_version: i64,
+    /// Our own commits, or a short read: the log has rows we have not read yet.
+    dirty: bool,
+    /// The delivery queue was full at the last tail.
+    blocked: bool,
+    retention: u64,
+    last_prune: Instant,
+}
+
+impl StoreThread {
+    /// Runs the store: open, settle `init`, then serve operations and tail the change log until
+    /// `Op::Shutdown` or until every sender is gone.
+    pub fn run(self) {
+        let StoreThread {
+            cfg,
+            write_batch_size,
+            core,
+            completions,
+            rx,
+            init_id,
+            ready,
+            connected,
+            close_id,
+        } = self;
+        let conn = match open(&cfg) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(code = e.code(), "sqlite open failed: {e}");
+                core.metrics.record_error(&e);
+                completions.complete(vec![Completion::Failed {
+                    id: init_id,
+                    error: e,
+                }]);
+                core.stop();
+                return;
+            }
+        };
+        let mut store = match Store::new(conn, &cfg, core.clone(), completions.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                core.metrics.record_error(&e);
+                completions.complete(vec![Completion::Failed {
+                    id: init_id,
+                    error: e,
+                }]);
+                core.stop();
+                return;
+            }
+        };
+        tracing::info!(path = %cfg.path, table = %cfg.table, position = store.last_seq, "sqlite store ready");
+        ready.store(true, Relaxed);
+        connected.store(true, Relaxed);
+        completions.complete(vec![Completion::Ready { id: init_id }]);
+
+        let tail_interval = Duration::from_millis(cfg.tail_interval_ms);
+        let mut shutdown: Option<u32> = None;
+        while shutdown.is_none() {
+            let first = if store.dirty && !store.blocked {
+                match rx.try_recv() {
+                    Ok(op) => Some(op),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            } else {
+                let wait = if store.blocked {
+                    Duration::from_millis(1)
+                } else {
+                    tail_interval
+                };
+                match rx.recv_timeout(wait) {
+                    Ok(op) => Some(op),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            if let Some(op) = first {
+                let mut ops = vec![op];
+                while ops.len() < write_batch_size {
+                    match rx.try_recv() {
+                        Ok(op) => ops.push(op),
+                        Err(_) => break,
+                    }
+                }
+                core.metrics.write_queue_depth.fetch_sub(ops.len(), Relaxed);
+                shutdown = store.execute(ops);
+            }
+            store.tail();
+            store.maybe_prune();
+        }
+        // Deliver everything committed before the close, within reason.
+        let t0 = Instant::now();
+        store.dirty = true;
+        while (store.dirty || store.blocked) && t0.elapsed() < Duration::from_secs(5) {
+            store.tail();
+            if store.blocked {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        // Anything queued after the close is refused, never left hanging.
+        let mut refused = Vec::new();
+        while let Ok(op) = rx.try_recv() {
+            core.metrics.write_queue_depth.fetch_sub(1, Relaxed);
+            if let Some(id) = op_id(&op) {
+                refused.push(Completion::Failed {
+                    id,
+                    error: Error::Closed("an operation queued"),
+                });
+            }
+        }
+        if !refused.is_empty() {
+            completions.complete(refused);
+        }
+        connected.store(false, Relaxed);
+        close_id.store(shutdown.map_or(u64::MAX, u64::from), Relaxed);
+        drop(rx);
+        core.stop();
+        tracing::info!("sqlite store stopped");
+    }
+}
+
+fn op_id(op: &Op) -> Option<u32> {
+    match op {
+        Op::Put { id, .. } | Op::Delete { id, .. } | Op::Get { id, .. } | Op::Shutdown { id } => {
+            Some(*id)
+        }
+    }
+}
+
+impl Store {
+    fn new(
+        conn: Connection,
+        cfg: &SqliteConfig,
+        core: Arc<Core>,
+        completions: Arc<dyn CompletionSink>,
+    ) -> Result<Store> {
+        let t = cfg.table.clone();
+        // Start at the newest change: a streamer delivers what is committed after `init()`.
+        let last_seq: i64 = conn
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = ?1",
+                [format!("{t}_changes")],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let data_version: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        core.metrics.source_position.store(last_seq, Relaxed);
+        Ok(Store {
+            conn,
+            t,
+            core,
+            completions,
+            last_seq: last_seq as u64,
+            data_version,
+            dirty: false,
+            blocked: false,
+            retention: cfg.change_log_retention,
+            last_prune: Instant::now(),
+        })
+    }
+
+    /// Executes a batch of operations; writes share one transaction. Returns the id of a
+    /// shutdown request found in the batch.
+    fn execute(&mut self, ops: Vec<Op>) -> Option<u32> {
+        let t = self.t.clone();
+        let has_writes = ops
+            .iter()
+            .any(|o| matches!(o, Op::Put { .. } | Op::Delete { .. }));
+        let mut done: Vec<Completion> = Vec::with_capacity(ops.len());
+        let mut written: Vec<(Arc<str>, CacheEntry)> = Vec::new();
+        let mut reads: Vec<(Arc<str>, CacheEntry)> = Vec::new();
+        let mut shutdown = None;
+
+        if has_writes {
+            if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+                let e = Error::from(e);
+                self.core.metrics.record_error(&e);
+                tracing::warn!(code = e.code(), "write transaction could not start: {e}");
+                for op in ops {
+                    if let Op::Shutdown { id } = op {
+                        shutdown = Some(id);
+                    } else if let Some(id) = op_id(&op) {
+                        done.push(Completion::Failed {
+                            id,
+                            error: e.clone(),
+                        });
+                    }
+                }
+                self.completions.complete(done);
+                return shutdown;
+            }
+        }
+        let ts = now_us();
+        let mut n_writes = 0u64;
+        for op in ops {
+            match op {
+                Op::Put { id, key, json } => {
+                    let r = self
+                        .conn
+                        .prepare_cached(&format!(
+                            "INSERT INTO {t} (k, v, version, deleted, updated_at) VALUES (?1, ?2, 1, 0, ?3)
+                             ON CONFLICT(k) DO UPDATE SET v = excluded.v, version = {t}.version + 1,
+                                 deleted = 0, updated_at = excluded.updated_at
+                             RETURNING version"
+                        ))
+                        .and_then(|mut s| s.query_row(params![&*key, &json, ts], |r| r.get::<_, i64>(0)));
+                    match r {
+                        Ok(v) => {
+                            n_writes += 1;
+                            done.push(Completion::Pushed {
+                                id,
+                                version: v as u64,
+                            });
+                            written.push((
+                                key,
+                                CacheEntry {
+                                    version: v as u64,
+                                    value: Some(json.into()),
+                                },
+                            ));
+                        }
+                        Err(e) => done.push(Completion::Failed {
+                            id,
+                            error: e.into(),
+                        }),
+                    }
+                }
+                Op::Delete { id, key } => {
+                    let r = self
+                        .conn
+                        .prepare_cached(&format!(
+                            "UPDATE {t} SET v = NULL, version = version + 1, deleted = 1, updated_at = ?2
+                             WHERE k = ?1 AND deleted = 0 RETURNING version"
+                        ))
+                        .and_then(|mut s| s.query_row(params![&*key, ts], |r| r.get::<_, i64>(0)).optional());
+                    match r {
+                        Ok(Some(v)) => {
+                            n_writes += 1;
+                            done.push(Completion::Deleted { id, existed: true });
+                            written.push((
+                                key,
+                                CacheEntry {
+                                    version: v as u64,
+                                    value: None,
+                                },
+                            ));
+                        }
+                        Ok(None) => done.push(Completion::Deleted { id, existed: false }),
+                        Err(e) => done.push(Completion::Failed {
+                            id,
+                            error: e.into(),
+                        }),
+                    }
+                }
+                Op::Get { id, key } => match self.read(&key) {
+                    Ok(Some(entry)) => {
+                        done.push(Completion::Got {
+                            id,
+                            value: entry.value.clone(),
+                        });
+                        reads.push((key, entry));
+                    }
+                    Ok(None) => done.push(Completion::Got { id, value: None }),
+                    Err(e) => done.push(Completion::Failed { id, error: e }),
+                },
+                Op::Shutdown { id } => shutdown = Some(id),
+            }
+        }
+        if has_writes {
+            if let Err(e) = self.conn.execute_batch("COMMIT") {
+                let e = Error::from(e);
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.core.metrics.record_error(&e);
+                tracing::warn!(code = e.code(), "write transaction failed to commit: {e}");
+                written.clear();
+                for c in done.iter_mut() {
+                    if let Completion::Pushed { id, .. } | Completion::Deleted { id, .. } = *c {
+                        *c = Completion::Failed {
+                            id,
+                            error: e.clone(),
+                        };
+                    }
+                }
+            } else {
+                self.core.metrics.transactions.fetch_add(1, Relaxed);
+                self.core.metrics.writes.fetch_add(n_writes, Relaxed);
+                self.dirty = true;
+            }
+        }
+        // Read-your-writes: the cache learns our own commits before their change is tailed.
+        if let Some(cache) = &self.core.cache {
+            for (k, e) in written {
+                cache.offer(k, e);
+            }
+        }
+        for (k, e) in reads {
+            self.core.fill_cache(k, e);
+        }
+        if !done.is_empty() {
+            self.completions.complete(done);
+        }
+        shutdown
+    }
+
+    fn read(&mut self, key: &str) -> Result<Option<CacheEntry>> {
+        let t = &self.t;
+        let row = self
+            .conn
+            .prepare_cached(&format!("SELECT v, version, deleted FROM {t} WHERE k = ?1"))?
+            .query_row([key], |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .optional()?;
+        Ok(row.map(|(v, version, deleted)| CacheEntry {
+            version: version as u64,
+            value: if deleted != 0 {
+                None
+            } else {
+                v.map(|s| as_json(s, key))
+            },
+        }))
+    }
+
+    /// Reads new change-log rows (as many as the delivery queue can take) and feeds the core.
+    fn tail(&mut self) {
+        if !self.dirty && !self.blocked {
+            match self
+                .conn
+                .query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
+            {
+                Ok(dv) if dv == self.data_version => return,
+                Ok(dv) => self.data_version = dv,
+                Err(e) => {
+                    self.core.metrics.record_error(&e.into());
+                    return;
+                }
+            }
+        }
+        let room = self.core.free_capacity();
+        if room == 0 {
+            self.blocked = true;
+            return;
+        }
+        self.blocked = false;
+        let limit = room.min(TAIL_CHUNK);
+        let t = &self.t;
+        let rows: Result<Vec<(i64, String, Option<String>, i64, String, i64)>> = (|| {
+            let mut stmt = self.conn.prepare_cached(&format!(
+                "SELECT seq, k, v, version, op, ts FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+            ))?;
+            let rows = stmt
+                .query_map(params![self.last_seq as i64, limit as i64], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })();
+        let rows = match rows {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(code = e.code(), "change log read failed: {e}");
+                self.core.metrics.record_error(&e);
+                return;
+            }
+        };
+        self.dirty = rows.len() == limit;
+        let Some(first) = rows.first() else { return };
+        if first.0 as u64 > self.last_seq + 1 {
+            let (from, to) = (self.last_seq + 1, first.0 as u64 - 1);
+            tracing::warn!(
+                from,
+                to,
+                "change log was pruned past this reader's position: resync"
+            );
+            self.core.metrics.resyncs.fetch_add(1, Relaxed);
+            self.core.send(Event::Resync {
+                source: "sqlite",
+                reason: format!(
+                    "change-log entries {from}..={to} were pruned before this streamer read them (raise sqlite.changeLogRetention); continuing from the current state"
+                ),
+                from,
+                to,
+            });
+        }
+        let changes: Vec<Change> = rows
+            .into_iter()
+            .map(|(seq, k, v, version, op, ts)| {
+                self.last_seq = seq as u64;
+                let kind = match op.as_str() {
+                    "insert" => ChangeKind::Insert,
+                    "delete" => ChangeKind::Delete,
+                    _ => ChangeKind::Update,
+                };
+                Change {
+                    kind,
+                    data: if kind == ChangeKind::Delete {
+                        None
+                    } else {
+                        v.map(|s| as_json(s, &k))
+                    },
+                    key: k.into(),
+                    version: version as u64,
+                    seq: 0,
+                    position: Position::ChangeLog(ChangeLogSeq(seq as u64)),
+                    source: "sqlite",
+                    commit_ts_us: ts,
+                }
+            })
+            .collect();
+        self.core
+            .metrics
+            .source_position
+            .store(self.last_seq as i64, Relaxed);
+        self.core.ingest(changes);
+    }
+
+    /// Keeps the change log at `retention` rows (never past our own read position).
+    fn maybe_prune(&mut self) {
+        if self.last_prune.elapsed() < PRUNE_EVERY {
+            return;
+        }
+        self.last_prune = Instant::now();
+        let bound = (self.last_seq as i64).saturating_sub(self.retention as i64);
+        if bound <= 0 {
+            return;
+        }
+        let t = &self.t;
+        match self
+            .conn
+            .execute(&format!("DELETE FROM {t}_changes WHERE seq <= ?1"), [bound])
+        {
+            Ok(n) if n > 0 => tracing::debug!(rows = n, "change log pruned"),
+            Ok(_) => {}
+            Err(e) => tracing::debug!("change log prune skipped: {e}"),
+        }
+    }
+}
+
+/// Values written by other programs may not be JSON: they are delivered as a JSON string
+/// rather than breaking the batch they travel in.
+fn as_json(s: String, key: &str) -> Arc<str> {
+    if is_valid_json(&s) {
+        s.into()
+    } else {
+        tracing::warn!(key, "value is not JSON; delivered as a string");
+        serde_json::to_string(&s)
+            .unwrap_or_else(|_| "null".into())
+            .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> Connection {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(&schema_sql("kv")).unwrap();
+        c
+    }
+
+    fn log(c: &Connection) -> Vec<(String, Option<String>, i64, String)> {
+        let mut s = c
+            .prepare("SELECT k, v, version, op FROM kv_changes ORDER BY seq")
+            .unwrap();
+        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn sql_console_writes_are_logged_with_increasing_versions() {
+        let c = mem();
+        c.execute_batch(
+            "INSERT INTO kv (k, v) VALUES ('a', '1');
+             UPDATE kv SET v = '2' WHERE k = 'a';
+             DELETE FROM kv WHERE k = 'a';
+             INSERT INTO kv (k, v, version) VALUES ('b', '5', 1)
+                ON CONFLICT(k) DO UPDATE SET v = excluded.v, version = kv.version + 1;",
+        )
+        .unwrap();
+        let l = log(&c);
+        assert_eq!(
+            l,
+            vec![
+                ("a".into(), Some("1".into()), 1, "insert".into()),
+                ("a".into(), Some("2".into()), 2, "update".into()),
+                ("a".into(), None, 3, "delete".into()),
+                ("b".into(), Some("5".into()), 1, "insert".into()),
+            ]
+        );
+        // The delete left a tombstone so the next write continues the version sequence.
+        c.execute("UPDATE kv SET v = '9', deleted = 0 WHERE k = 'a'", [])
+            .unwrap();
+        let last = log(&c).pop().unwrap();
+        assert_eq!(last, ("a".into(), Some("9".into()), 4, "update".into()));
+    }
+
+    #[test]
+    fn upsert_returns_database_assigned_versions() {
+        let c = mem();
+        let up = "INSERT INTO kv (k, v, version, deleted, updated_at) VALUES (?1, ?2, 1, 0, ?3)
+                  ON CONFLICT(k) DO UPDATE SET v = excluded.v, version = kv.version + 1, deleted = 0,
+                  updated_at = excluded.updated_at RETURNING version";
+        let v1: i64 = c
+            .query_row(up, params!["k", "1", 10], |r| r.get(0))
+            .unwrap();
+        let v2: i64 = c
+            .query_row(up, params!["k", "2", 11], |r| r.get(0))
+            .unwrap();
+        assert_eq!((v1, v2), (1, 2));
+        let ts: Vec<i64> = c
+            .prepare("SELECT ts FROM kv_changes ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(ts, vec![10, 11]);
+    }
+
+    #[test]
+    fn non_json_values_become_json_strings() {
+        assert_eq!(&*as_json("{\"a\":1}".into(), "k"), "{\"a\":1}");
+        assert_eq!(&*as_json("hello".into(), "k"), "\"hello\"");
+    }
+}
