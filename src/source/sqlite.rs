@@ -429,6 +429,10 @@ impl Store {
             self.core.fill_cache(k, e);
         }
         if !done.is_empty() {
+            // Capture first, then settle: the change reaches listeners one hop sooner.
+            if self.dirty {
+                self.tail();
+            }
             self.completions.complete(done);
         }
         shutdown

@@ -1,0 +1,294 @@
+'use strict';
+// The JavaScript contract of UltimateStreamer on the embedded default.
+const path = require('node:path');
+const fs = require('node:fs');
+const UltimateStreamer = require('..');
+const { tmpDb, tmpDir, waitFor, runNode, ROOT } = require('./helpers');
+
+const streamers = [];
+function make(config) {
+  const s = new UltimateStreamer(config);
+  streamers.push(s);
+  return s;
+}
+afterEach(async () => {
+  await Promise.all(streamers.splice(0).map((s) => s.close()));
+});
+
+describe('module shapes', () => {
+  test('default export, named export and ESM import are the same class', async () => {
+    const { UltimateStreamer: Named, ERROR_CODES, UspError } = require('..');
+    expect(Named).toBe(UltimateStreamer);
+    expect(typeof ERROR_CODES.USP_INVALID_KEY).toBe('string');
+    expect(new UspError('USP_CLOSED', 'x')).toBeInstanceOf(Error);
+    const r = await runNode([
+      '--input-type=module',
+      '-e',
+      `import U, { UltimateStreamer } from ${JSON.stringify(path.join(ROOT, 'index.mjs'))};
+       if (U !== UltimateStreamer || typeof U !== 'function') process.exit(3);
+       const s = new U({ connection: { path: ':memory:' } });
+       await s.init(); const r = await s.push('a', 1); await s.close();
+       console.log(JSON.stringify(r));`,
+    ]);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    expect(JSON.parse(r.stdout)).toEqual({ key: 'a', version: 1 });
+  });
+
+  test('is an EventEmitter', () => {
+    const s = make({ connection: { path: ':memory:' } });
+    expect(s).toBeInstanceOf(require('node:events').EventEmitter);
+  });
+});
+
+describe('default configuration', () => {
+  test('no config opens ultimate-streaming.db in the working directory', async () => {
+    const dir = tmpDir();
+    const r = await runNode(
+      ['-e', `const U = require(${JSON.stringify(ROOT)}); (async () => { const s = new U(); await s.init();
+        await s.push('k', { a: 1 }); console.log(JSON.stringify(s.getStatus().backend)); await s.close(); })()`],
+      { cwd: dir },
+    );
+    expect(r.code).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ type: 'sqlite', path: 'ultimate-streaming.db', table: 'usp_kv' });
+    expect(fs.existsSync(path.join(dir, 'ultimate-streaming.db'))).toBe(true);
+  });
+
+  test('the seed config shapes are accepted', async () => {
+    const file = tmpDb();
+    const nested = make({ database: 'sqlite', connection: { path: file }, options: { useChangeStreams: true, pollingInterval: 2000, enableCache: true } });
+    await nested.init();
+    expect(nested.getStatus().backend.path).toBe(file);
+    const flat = make({ dbType: 'sqlite', database: tmpDb(), useChangeStreams: true, pollingInterval: 500, enableCache: false, maxConnections: 100 });
+    await flat.init();
+    expect(flat.getStatus().cache.enabled).toBe(false);
+  });
+
+  test('init(config) is accepted when the constructor had none', async () => {
+    const s = make();
+    await s.init({ connection: { path: ':memory:' } });
+    expect(s.getStatus().backend.path).toBe(':memory:');
+  });
+});
+
+describe('push / get / delete', () => {
+  test('push resolves with increasing versions; get reads back; delete reports existence', async () => {
+    const s = make({ connection: { path: tmpDb() } });
+    await s.init();
+    expect(await s.push('price:BTC', { bid: 64000.5 })).toEqual({ key: 'price:BTC', version: 1 });
+    expect(await s.push('price:BTC', { bid: 64001 })).toEqual({ key: 'price:BTC', version: 2 });
+    expect(await s.get('price:BTC')).toEqual({ bid: 64001 });
+    expect(await s.get('missing')).toBeNull();
+    expect(await s.delete('price:BTC')).toBe(true);
+    expect(await s.delete('price:BTC')).toBe(false);
+    expect(await s.get('price:BTC')).toBeNull();
+    // A push after a delete continues the version sequence.
+    expect(await s.push('price:BTC', [1, 'two', null, true])).toEqual({ key: 'price:BTC', version: 4 });
+    expect(await s.get('price:BTC')).toEqual([1, 'two', null, true]);
+  });
+
+  test('all JSON value kinds round-trip, unicode keys included', async () => {
+    const s = make({ connection: { path: ':memory:' } });
+    await s.init();
+    const values = [0, -1.5, 'text', '', true, false, null, [], {}, { nested: { deep: [1, { x: 'é😀' }] } }];
+    for (const [i, v] of values.entries()) {
+      await s.push(`k😀${i}`, v);
+    }
+    for (const [i, v] of values.entries()) {
+      expect(await s.get(`k😀${i}`)).toEqual(v);
+    }
+  });
+
+  test('get falls back to the store when the cache misses (cache disabled)', async () => {
+    const file = tmpDb();
+    const a = make({ connection: { path: file } });
+    await a.init();
+    await a.push('x', { v: 1 });
+    const b = make({ connection: { path: file }, options: { enableCache: false } });
+    await b.init();
+    expect(await b.get('x')).toEqual({ v: 1 });
+    const st = b.getStatus();
+    expect(st.cache.enabled).toBe(false);
+    expect(st.cache.hits).toBe(0);
+  });
+
+  test('the cache answers repeated gets', async () => {
+    const s = make({ connection: { path: tmpDb() } });
+    await s.init();
+    await s.push('hot', 42);
+    for (let i = 0; i < 10; i++) expect(await s.get('hot')).toBe(42);
+    const c = s.getStatus().cache;
+    expect(c.hits).toBeGreaterThanOrEqual(10);
+    expect(c.hitRatio).toBeGreaterThan(0.5);
+  });
+});
+
+describe('change events', () => {
+  test('events carry type, key, data, version, seq, source, timestamp and latency, in order', async () => {
+    const s = make({ connection: { path: tmpDb() } });
+    const seen = [];
+    const typed = [];
+    s.on('change', (e) => seen.push(e));
+    for (const t of ['insert', 'update', 'delete']) s.on(t, (e) => typed.push([t, e.version]));
+    await s.init();
+    const before = Date.now();
+    await s.push('a', { n: 1 });
+    await s.push('a', { n: 2 });
+    await s.delete('a');
+    await waitFor(() => seen.length === 3, '3 change events');
+    expect(seen.map((e) => [e.type, e.key, e.version])).toEqual([
+      ['insert', 'a', 1],
+      ['update', 'a', 2],
+      ['delete', 'a', 3],
+    ]);
+    expect(seen[0].data).toEqual({ n: 1 });
+    expect(seen[2].data).toBeNull();
+    expect(typed).toEqual([
+      ['insert', 1],
+      ['update', 2],
+      ['delete', 3],
+    ]);
+    for (const e of seen) {
+      expect(e.source).toBe('sqlite');
+      expect(e.timestamp).toBeGreaterThanOrEqual(before - 1);
+      expect(e.timestamp).toBeLessThanOrEqual(Date.now() + 1);
+      expect(e.latency).toBeGreaterThanOrEqual(0);
+      expect(e.latency).toBeLessThan(5000);
+    }
+    expect(seen.map((e) => e.seq)).toEqual([seen[0].seq, seen[0].seq + 1, seen[0].seq + 2]);
+  });
+
+  test('prefix filters, once and off', async () => {
+    const s = make({ connection: { path: ':memory:' } });
+    const prices = [];
+    const onceSeen = [];
+    const removed = [];
+    const rm = (e) => removed.push(e.key);
+    s.on('change', { prefix: 'price:' }, (e) => prices.push(e.key));
+    s.once('change', { prefix: 'user:' }, (e) => onceSeen.push(e.key));
+    s.on('change', { prefix: 'x' }, rm);
+    s.off('change', rm);
+    const all = [];
+    s.on('change', (e) => all.push(e.key));
+    await s.init();
+    for (const k of ['news:1', 'price:BTC', 'user:1', 'price:ETH', 'user:2', 'x1']) await s.push(k, 1);
+    await waitFor(() => all.length === 6, '6 events');
+    expect(prices).toEqual(['price:BTC', 'price:ETH']);
+    expect(onceSeen).toEqual(['user:1']);
+    expect(removed).toEqual([]);
+    expect(s.listenerCount('change')).toBe(2);
+  });
+
+  test('a throwing listener does not stop delivery to the others; the error is reported', async () => {
+    const s = make({ connection: { path: ':memory:' } });
+    const good = [];
+    const errors = [];
+    s.on('change', () => {
+      throw new Error('listener bug');
+    });
+    s.on('change', (e) => good.push(e.version));
+    s.on('error', (err) => errors.push(err));
+    await s.init();
+    for (let i = 0; i < 5; i++) await s.push('k', i);
+    await waitFor(() => good.length === 5, 'events to the good listener');
+    expect(good).toEqual([1, 2, 3, 4, 5]);
+    expect(errors).toHaveLength(5);
+    expect(errors[0].code).toBe('USP_LISTENER_ERROR');
+    expect(errors[0].message).toContain('listener bug');
+    expect(errors[0].cause.message).toBe('listener bug');
+    const st = s.getStatus();
+    expect(st.errors.listener).toBe(5);
+    expect(st.errors.last.code).toBe('USP_LISTENER_ERROR');
+  });
+
+  test('a throwing listener without an error listener does not crash the process', async () => {
+    const r = await runNode([
+      '-e',
+      `const U = require(${JSON.stringify(ROOT)}); (async () => { const s = new U({ connection: { path: ':memory:' } });
+       let n = 0; s.on('change', () => { throw new Error('boom'); }); s.on('change', () => n++);
+       await s.init(); for (let i = 0; i < 3; i++) await s.push('k', i);
+       while (n < 3) await new Promise((r) => setTimeout(r, 5));
+       console.log(n, s.getStatus().errors.listener); await s.close(); })()`,
+    ]);
+    expect(r.code).toBe(0);
+    expect(r.stdout.trim()).toBe('3 3');
+    expect(r.stderr).toContain('USP_LISTENER_ERROR');
+  });
+
+  test("'ready' and 'close' are emitted", async () => {
+    const s = new UltimateStreamer({ connection: { path: ':memory:' } });
+    const got = [];
+    s.on('ready', () => got.push('ready'));
+    s.on('close', () => got.push('close'));
+    await s.init();
+    await s.close();
+    expect(got).toEqual(['ready', 'close']);
+  });
+});
+
+describe('status', () => {
+  test('getStatus reports mode, backend, events, latency percentiles, cache, queues, errors, uptime', async () => {
+    const s = make({ connection: { path: tmpDb() } });
+    expect(s.getStatus().mode).toBe('idle');
+    let n = 0;
+    s.on('change', () => n++);
+    await s.init();
+    for (let i = 0; i < 20; i++) await s.push(`k${i % 5}`, { i });
+    await s.get('k1');
+    await waitFor(() => n === 20, '20 events');
+    const st = s.getStatus();
+    expect(st.mode).toBe('changelog');
+    expect(st.connected).toBe(true);
+    expect(st.backend.type).toBe('sqlite');
+    expect(st.events.captured).toBe(20);
+    expect(st.events.emitted).toBe(20);
+    expect(st.latency.count).toBe(20);
+    for (const p of ['p50', 'p95', 'p99', 'max']) expect(st.latency[p]).toBeGreaterThan(0);
+    expect(st.latency.p50).toBeLessThanOrEqual(st.latency.p99);
+    expect(st.latency.p99).toBeLessThanOrEqual(st.latency.max);
+    expect(st.cache.hits + st.cache.misses).toBeGreaterThan(0);
+    expect(st.queues.writes.capacity).toBe(65536);
+    expect(st.queues.delivery.capacity).toBe(65536);
+    expect(st.errors).toMatchObject({ recoverable: 0, fatal: 0 });
+    expect(st.uptimeMs).toBeGreaterThanOrEqual(0);
+    expect(st.store.writes).toBe(20);
+    await s.close();
+    expect(s.getStatus().mode).toBe('closed');
+  });
+
+  test('no secret reaches getStatus', () => {
+    let err;
+    try {
+      new UltimateStreamer({ dbType: 'mysql', host: '127.0.0.1', user: 'app', password: 'hunter2-secret' });
+    } catch (e) {
+      err = e;
+    }
+    expect(err.code).toBe('USP_UNSUPPORTED_BACKEND');
+    expect(err.message).not.toContain('hunter2');
+  });
+});
+
+describe('close', () => {
+  test('close delivers what was committed, then Node exits by itself', async () => {
+    const r = await runNode([
+      '-e',
+      `const U = require(${JSON.stringify(ROOT)}); (async () => {
+        const s = new U({ connection: { path: ${JSON.stringify(tmpDb())} } });
+        let n = 0; s.on('change', () => n++);
+        await s.init();
+        const ps = []; for (let i = 0; i < 500; i++) ps.push(s.push('k' + (i % 7), i));
+        await Promise.all(ps); await s.close(); console.log(n);
+      })()`,
+    ]);
+    expect(r.code).toBe(0);
+    expect(r.stdout.trim()).toBe('500');
+    expect(r.ms).toBeLessThan(20_000);
+  });
+
+  test('close is idempotent and safe before init', async () => {
+    const s = new UltimateStreamer({ connection: { path: ':memory:' } });
+    await s.close();
+    await s.close();
+    expect(s.getStatus().closed).toBe(true);
+  });
+});

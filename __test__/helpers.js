@@ -1,0 +1,75 @@
+'use strict';
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const { spawn } = require('node:child_process');
+
+const ROOT = path.join(__dirname, '..');
+
+/** A fresh directory for one test's database files. */
+function tmpDir(prefix = 'usp-test-') {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+function tmpDb() {
+  return path.join(tmpDir(), 'test.db');
+}
+
+/** Resolves once `cond()` is truthy; rejects after `timeoutMs` with `what`. */
+async function waitFor(cond, what, timeoutMs = 10_000) {
+  const start = Date.now();
+  for (;;) {
+    if (await cond()) return;
+    if (Date.now() - start > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** Runs a Node script as a child process; resolves with { code, stdout, stderr, ms }. */
+function runNode(args, { timeoutMs = 60_000, cwd = ROOT, env = process.env } = {}) {
+  return new Promise((resolve, reject) => {
+    const start = Date.now();
+    const child = spawn(process.execPath, args, { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`child ${args.join(' ')} did not exit within ${timeoutMs} ms\nstdout: ${stdout}\nstderr: ${stderr}`));
+    }, timeoutMs);
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr, ms: Date.now() - start });
+    });
+  });
+}
+
+/** Asserts that a promise rejects with a UspError of `code`, and returns the error. */
+async function rejectsWithCode(promise, code) {
+  let err;
+  try {
+    await promise;
+  } catch (e) {
+    err = e;
+  }
+  expect(err).toBeInstanceOf(Error);
+  expect(err.code).toBe(code);
+  expect(typeof err.message).toBe('string');
+  expect(err.message.length).toBeGreaterThan(10);
+  return err;
+}
+
+function throwsWithCode(fn, code) {
+  let err;
+  try {
+    fn();
+  } catch (e) {
+    err = e;
+  }
+  expect(err).toBeInstanceOf(Error);
+  expect(err.code).toBe(code);
+  return err;
+}
+
+module.exports = { ROOT, tmpDir, tmpDb, waitFor, runNode, rejectsWithCode, throwsWithCode };
