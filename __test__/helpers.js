@@ -72,4 +72,41 @@ function throwsWithCode(fn, code) {
   return err;
 }
 
-module.exports = { ROOT, tmpDir, tmpDb, waitFor, runNode, rejectsWithCode, throwsWithCode };
+/**
+ * Runs SQL on a database file from ANOTHER process (better-sqlite3 in a child). Two SQLite
+ * libraries in one process must never open the same file: their POSIX locks do not see each
+ * other. Returns the rows of the last statement when `query` is true.
+ */
+function sqliteExternal(file, sql, { query = false, params = [] } = {}) {
+  const { spawnSync } = require('node:child_process');
+  const script = `
+    const D = require(${JSON.stringify(path.join(ROOT, 'node_modules', 'better-sqlite3'))});
+    const db = new D(process.argv[1]); db.pragma('busy_timeout = 5000');
+    const [sql, query, params] = JSON.parse(process.argv[2]);
+    let out = null;
+    if (query) out = db.prepare(sql).all(...params); else if (params.length) db.prepare(sql).run(...params); else db.exec(sql);
+    db.close();
+    process.stdout.write(JSON.stringify(out));`;
+  const r = spawnSync(process.execPath, ['-e', script, file, JSON.stringify([sql, query, params])], { encoding: 'utf8', timeout: 30_000 });
+  if (r.status !== 0) throw new Error(`external sqlite failed: ${r.stderr}`);
+  return JSON.parse(r.stdout);
+}
+
+/**
+ * Holds the write lock of `file` from another process for `ms`. Resolves once it is held, with
+ * `{ released }`, a promise of the lock's end (wrapped: a promise resolved with a promise would wait).
+ */
+function holdWriteLock(file, ms) {
+  return new Promise((resolve, reject) => {
+    const script = `
+      const D = require(${JSON.stringify(path.join(ROOT, 'node_modules', 'better-sqlite3'))});
+      const db = new D(process.argv[1]); db.exec('BEGIN IMMEDIATE'); console.log('locked');
+      setTimeout(() => { db.exec('ROLLBACK'); db.close(); }, Number(process.argv[2]));`;
+    const child = spawn(process.execPath, ['-e', script, file, String(ms)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const released = new Promise((done) => child.on('exit', done));
+    child.stdout.once('data', () => resolve({ released }));
+    child.on('error', reject);
+  });
+}
+
+module.exports = { sqliteExternal, holdWriteLock, ROOT, tmpDir, tmpDb, waitFor, runNode, rejectsWithCode, throwsWithCode };

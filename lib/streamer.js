@@ -118,6 +118,9 @@ class UltimateStreamer extends EventEmitter {
    * @param {object} [config] the config, if none was given to the constructor
    */
   init(config) {
+    if (this.#closePromise) {
+      return Promise.reject(new UspError('USP_CLOSED', 'the streamer is closed: create a new UltimateStreamer to continue (init() after close())'));
+    }
     if (this.#initPromise) {
       if (config !== undefined) {
         return Promise.reject(new UspError('USP_ALREADY_INITIALIZED', 'init(config) was already called; create a new UltimateStreamer for another config'));

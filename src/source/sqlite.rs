@@ -154,28 +154,17 @@ impl StoreThread {
             connected,
             close_id,
         } = self;
-        let conn = match open(&cfg) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(code = e.code(), "sqlite open failed: {e}");
-                core.metrics.record_error(&e);
-                completions.complete(vec![Completion::Failed {
-                    id: init_id,
-                    error: e,
-                }]);
-                core.stop();
-                return;
-            }
-        };
-        let mut store = match Store::new(conn, &cfg, core.clone(), completions.clone()) {
+        let opened = open(&cfg).and_then(|conn| Store::new(conn, &cfg, core.clone(), completions.clone()));
+        let mut store = match opened {
             Ok(s) => s,
             Err(e) => {
+                tracing::debug!(code = e.code(), "sqlite store failed to start: {e}");
+                // Stop taking operations (and close requests) before settling init, so a
+                // close() that follows the failed init() finds a stopped engine.
+                drop(rx);
                 core.metrics.record_error(&e);
-                completions.complete(vec![Completion::Failed {
-                    id: init_id,
-                    error: e,
-                }]);
                 core.stop();
+                completions.complete(vec![Completion::Failed { id: init_id, error: e }]);
                 return;
             }
         };

@@ -1,0 +1,256 @@
+'use strict';
+// Events per second delivered to a JavaScript listener: batched delivery vs one threadsafe call per
+// event, same run, same workload.
+//
+// Per run: a fresh streamer on a fresh SQLite file is initialised; then another connection
+// (better-sqlite3 on the same file, WAL) inserts N rows with distinct keys in ONE transaction.
+// The clock starts when that transaction has committed and stops when the listener has seen the
+// N-th distinct event. events/s = N / (last event - commit).
+// Modes:
+//   batched      batchSize 1000, a 'change' listener (called once per event, JS side loop)
+//   per-event    batchSize 1,    a 'change' listener (one native -> JS call per event)
+//   batch-only   batchSize 1000, only a 'batch' listener (one call per delivered array)
+// The modes are interleaved round by round; medians over the rounds are reported, with the ratio
+// batched / per-event computed from the medians of this run.
+//
+//   node benchmark/delivery.js [--rows=200000] [--rounds=3] [--timeout=60] [--budget=60]
+
+const {
+  nowMs,
+  median,
+  fmt,
+  printTable,
+  tempDbPath,
+  removeDb,
+  writeResult,
+  machineFacts,
+  loadStreamer,
+  loadBetterSqlite3,
+  commandFor,
+  numberArg,
+  waitFor,
+  sleep,
+} = require('./common');
+
+const N = Math.floor(numberArg('rows', 200_000));
+const ROUNDS = Math.floor(numberArg('rounds', 3));
+const TIMEOUT_MS = numberArg('timeout', 60) * 1000; // bound of the wait for the N events of one run
+// Bound of the whole script: a run (after round 1) is skipped when the time spent so far plus the
+// longest earlier run of the same mode would pass it; skipped runs are reported.
+const BUDGET_MS = numberArg('budget', 60) * 1000;
+const KEY_PREFIX = 'd:';
+
+const MODES = [
+  { name: 'batched', label: "batched (batchSize 1000), 'change' listener", batchSize: 1000, listener: 'change' },
+  { name: 'per-event', label: "per-event (batchSize 1), 'change' listener", batchSize: 1, listener: 'change' },
+  { name: 'batch-only', label: "batched (batchSize 1000), 'batch' listener only", batchSize: 1000, listener: 'batch' },
+];
+
+async function runOnce(UltimateStreamer, Database, mode) {
+  const dbPath = tempDbPath(`delivery-${mode.name}`);
+  const seen = new Uint8Array(N);
+  let distinct = 0;
+  let duplicates = 0;
+  let unexpected = 0;
+  let resyncs = 0;
+  let calls = 0;
+  let tFirst = NaN;
+  let tLast = NaN;
+
+  const mark = (e) => {
+    if (e.type === 'resync') {
+      resyncs++;
+      return;
+    }
+    const i = typeof e.key === 'string' && e.key.startsWith(KEY_PREFIX) ? Number(e.key.slice(KEY_PREFIX.length)) : -1;
+    if (!(i >= 0 && i < N)) {
+      unexpected++;
+      return;
+    }
+    if (seen[i]) {
+      duplicates++;
+      return;
+    }
+    seen[i] = 1;
+    distinct++;
+    if (distinct === 1) tFirst = nowMs();
+    if (distinct === N) tLast = nowMs();
+  };
+
+  const s = new UltimateStreamer({ connection: { path: dbPath }, options: { batchSize: mode.batchSize } });
+  if (mode.listener === 'change') {
+    s.on('change', (e) => {
+      calls++;
+      mark(e);
+    });
+  } else {
+    s.on('batch', (events) => {
+      calls++;
+      for (let k = 0; k < events.length; k++) mark(events[k]);
+    });
+  }
+  s.on('error', () => {});
+
+  let db;
+  let status;
+  let tCommit = NaN;
+  let insertMs = NaN;
+  let completed = false;
+  try {
+    await s.init();
+    db = new Database(dbPath);
+    db.pragma('journal_mode = WAL');
+    db.pragma('synchronous = NORMAL');
+    db.pragma('busy_timeout = 10000');
+    const stmt = db.prepare('INSERT INTO usp_kv (k, v, version, deleted, updated_at) VALUES (?, ?, 1, 0, ?)');
+    const insertAll = db.transaction(() => {
+      const us = Date.now() * 1000;
+      for (let i = 0; i < N; i++) stmt.run(`${KEY_PREFIX}${i}`, `{"i":${i},"p":"abcdefgh"}`, us);
+    });
+    const t0 = nowMs();
+    insertAll();
+    tCommit = nowMs();
+    insertMs = tCommit - t0;
+
+    completed = await waitFor(() => distinct >= N, TIMEOUT_MS, 1);
+    // A short grace period to catch duplicates or strays delivered after the last expected event.
+    await sleep(50);
+    status = s.getStatus();
+  } finally {
+    if (db) db.close();
+    await s.close();
+    removeDb(dbPath);
+  }
+
+  const deliveryMs = completed ? tLast - tCommit : NaN;
+  return {
+    mode: mode.name,
+    rows: N,
+    completed,
+    received: distinct,
+    missing: N - distinct,
+    duplicates,
+    unexpected,
+    resyncs,
+    listenerCalls: calls,
+    insertMs,
+    firstEventMs: tFirst - tCommit,
+    deliveryMs,
+    eventsPerSec: completed ? (N / deliveryMs) * 1000 : NaN,
+    engineEvents: status ? status.events : null,
+    engineErrors: status ? status.errors : null,
+    engineLatency: status ? status.latency : null,
+  };
+}
+
+async function main() {
+  const UltimateStreamer = await loadStreamer();
+  const Database = loadBetterSqlite3();
+  const command = commandFor(__filename, process.argv.slice(2));
+  const startedAt = new Date();
+  console.log(`delivery: ${N} rows inserted by another connection in one transaction, ${ROUNDS} rounds, modes: ${MODES.map((m) => m.name).join(', ')}`);
+
+  const rounds = [];
+  const problems = [];
+  const broken = new Set();
+  const skipped = [];
+  const longest = {};
+  const t0 = Date.now();
+  for (let r = 1; r <= ROUNDS; r++) {
+    for (const mode of MODES) {
+      if (broken.has(mode.name)) continue;
+      if (r > 1 && Date.now() - t0 + (longest[mode.name] || 0) > BUDGET_MS) {
+        skipped.push(`round ${r} ${mode.name}`);
+        console.log(`  round ${r} ${mode.name.padEnd(10)} skipped: the time budget of ${BUDGET_MS / 1000} s would be exceeded`);
+        continue;
+      }
+      const runStart = Date.now();
+      const res = await runOnce(UltimateStreamer, Database, mode);
+      longest[mode.name] = Math.max(longest[mode.name] || 0, Date.now() - runStart);
+      res.round = r;
+      rounds.push(res);
+      console.log(
+        `  round ${r} ${mode.name.padEnd(10)} ${res.completed ? `${fmt(res.eventsPerSec, 0)} events/s` : 'INCOMPLETE'}` +
+          `  (commit -> last event ${fmt(res.deliveryMs)} ms, first event ${fmt(res.firstEventMs)} ms, insert tx ${fmt(res.insertMs)} ms,` +
+          ` ${res.engineEvents ? res.engineEvents.batches : '?'} native batches, ${res.listenerCalls} listener calls)`,
+      );
+      if (!res.completed) {
+        const msg = `round ${r} ${mode.name}: only ${res.received} of ${N} events reached the listener within ${TIMEOUT_MS / 1000} s` +
+          ` (engine: ${JSON.stringify(res.engineEvents)}, errors: ${JSON.stringify(res.engineErrors)})`;
+        console.error(`ERROR: ${msg}`);
+        problems.push(msg);
+        broken.add(mode.name); // do not spend another timeout on a mode that lost events
+      }
+      if (res.duplicates) problems.push(`round ${r} ${mode.name}: ${res.duplicates} events delivered twice`);
+      if (res.unexpected) problems.push(`round ${r} ${mode.name}: ${res.unexpected} events with unknown keys`);
+      if (res.resyncs) problems.push(`round ${r} ${mode.name}: ${res.resyncs} resync events`);
+    }
+  }
+
+  const medians = {};
+  for (const mode of MODES) {
+    const rs = rounds.filter((x) => x.mode === mode.name);
+    const ok = rs.filter((x) => x.completed);
+    medians[mode.name] = {
+      rounds: rs.length,
+      completedRounds: ok.length,
+      eventsPerSec: ok.length === rs.length ? median(ok.map((x) => x.eventsPerSec)) : NaN,
+      deliveryMs: ok.length === rs.length ? median(ok.map((x) => x.deliveryMs)) : NaN,
+      firstEventMs: median(rs.map((x) => x.firstEventMs)),
+      insertMs: median(rs.map((x) => x.insertMs)),
+      nativeBatches: median(rs.map((x) => (x.engineEvents ? x.engineEvents.batches : NaN))),
+      maxBatch: median(rs.map((x) => (x.engineEvents ? x.engineEvents.maxBatch : NaN))),
+    };
+  }
+  if (skipped.length) console.log(`\nnote: ${skipped.length} run(s) skipped for time (${skipped.join(', ')}); medians use the rounds that ran`);
+  const ratioBatched = medians.batched.eventsPerSec / medians['per-event'].eventsPerSec;
+  const ratioBatchOnly = medians['batch-only'].eventsPerSec / medians['per-event'].eventsPerSec;
+
+  printTable(
+    `events/s delivered to JS, ${N} rows committed at once by another connection (median of ${ROUNDS} rounds)`,
+    ['mode', 'rounds', 'events/s', 'commit->last ms', 'commit->first ms', 'native batches', 'max batch', 'vs per-event'],
+    MODES.map((m) => {
+      const x = medians[m.name];
+      const ratio = x.eventsPerSec / medians['per-event'].eventsPerSec;
+      return [m.label, String(x.completedRounds), fmt(x.eventsPerSec, 0), x.deliveryMs, x.firstEventMs, fmt(x.nativeBatches, 0), fmt(x.maxBatch, 0), `${fmt(ratio)}x`];
+    }),
+  );
+  console.log(`\nratio batched / per-event ('change' listener): ${fmt(ratioBatched)}x; 'batch' listener only / per-event: ${fmt(ratioBatchOnly)}x`);
+  console.log(`(insert transaction of the writer, not part of the measurement: median ${fmt(medians.batched.insertMs)} ms)`);
+
+  const summary = [
+    { metric: `events/s to a 'change' listener, batched (batchSize 1000), ${N} rows`, value: medians.batched.eventsPerSec, unit: 'events/s' },
+    { metric: `events/s to a 'change' listener, per-event (batchSize 1), ${N} rows`, value: medians['per-event'].eventsPerSec, unit: 'events/s' },
+    { metric: `events/s to a 'batch' listener only (batchSize 1000), ${N} rows`, value: medians['batch-only'].eventsPerSec, unit: 'events/s' },
+    { metric: 'ratio batched / per-event (change listener)', value: ratioBatched, unit: 'x' },
+    { metric: "ratio 'batch' listener only / per-event", value: ratioBatchOnly, unit: 'x' },
+  ];
+
+  if (problems.length) {
+    console.log('\nPROBLEMS:');
+    for (const p of problems) console.log(`  - ${p}`);
+  }
+
+  const file = writeResult('delivery', {
+    name: 'delivery',
+    command,
+    date: startedAt.toISOString(),
+    durationSec: Math.round((Date.now() - startedAt.getTime()) / 100) / 10,
+    machine: machineFacts(),
+    config: { rows: N, rounds: ROUNDS, timeoutSec: TIMEOUT_MS / 1000, budgetSec: BUDGET_MS / 1000, modes: MODES },
+    ok: problems.length === 0,
+    problems,
+    skippedForTime: skipped,
+    median: medians,
+    ratios: { batchedOverPerEvent: ratioBatched, batchOnlyOverPerEvent: ratioBatchOnly },
+    rounds,
+    summary,
+  });
+  console.log(`\nwrote ${file}`);
+  if (problems.length) process.exitCode = 1;
+}
+
+main().catch((e) => {
+  console.error(e && e.stack ? e.stack : e);
+  process.exitCode = 1;
+});

@@ -1,0 +1,271 @@
+'use strict';
+// push() -> 'change' listener latency in one process, at a fixed offered rate (default 1,000 pushes/s).
+//
+// For each store (a SQLite file, then ':memory:') and each round, a fresh streamer is created and
+// WARMUP + COUNT pushes are issued on an absolute-time schedule (push i is due at start + i / RATE;
+// pushes that fall behind are issued as soon as the loop runs again, so the average rate stays at
+// RATE). Pushes are not awaited one by one: the offered rate does not depend on the store.
+// Per event, latency = (time the 'change' listener runs) - (time push() was called), both from
+// process.hrtime. The first WARMUP events are left out. Reported: p50/p90/p99/max per round, and
+// the median of each over the rounds. The engine's own getStatus().latency (commit -> hand-off to
+// JS, over every event of the run, warm-up included) is printed next to it.
+//
+//   node benchmark/latency.js [--rate=1000] [--count=5000] [--rounds=3] [--warmup=250]
+
+const {
+  nowMs,
+  summarize,
+  medianOf,
+  fmt,
+  printTable,
+  tempDbPath,
+  removeDb,
+  writeResult,
+  machineFacts,
+  loadStreamer,
+  commandFor,
+  numberArg,
+  waitFor,
+} = require('./common');
+
+const RATE = numberArg('rate', 1000);
+const COUNT = Math.floor(numberArg('count', 5000));
+const ROUNDS = Math.floor(numberArg('rounds', 3));
+const WARMUP = Math.floor(numberArg('warmup', 250));
+const DRAIN_TIMEOUT_MS = 10_000; // after the last push, how long we wait for missing events
+const TARGETS = [
+  { name: 'file', label: 'SQLite file' },
+  { name: 'memory', label: "':memory:'" },
+];
+const KEY_PREFIX = 'lat:';
+const STAT_FIELDS = ['p50', 'p90', 'p99', 'max', 'mean'];
+const ENGINE_FIELDS = ['count', 'p50', 'p95', 'p99', 'max', 'mean'];
+
+async function runOnce(UltimateStreamer, target) {
+  const total = WARMUP + COUNT;
+  const dbPath = target.name === 'file' ? tempDbPath('latency') : ':memory:';
+  const interval = 1000 / RATE;
+  // Maximum wall time of the paced phase: the schedule plus 50 % slack.
+  const pacedBudgetMs = (total * interval) * 1.5 + 2000;
+
+  const sent = new Float64Array(total).fill(NaN); // nowMs() when push(i) was called
+  const seen = new Float64Array(total).fill(NaN); // listener time - sent
+  const handoff = new Float64Array(total).fill(NaN); // e.latency (engine commit -> JS), per event
+  const acked = new Float64Array(total).fill(NaN); // push() promise settled - sent
+  const lag = new Float64Array(total).fill(NaN); // actual call time - scheduled time
+  let received = 0;
+  let duplicates = 0;
+  let unexpected = 0;
+  let pushErrors = 0;
+  let firstPushError = null;
+
+  const s = new UltimateStreamer({ connection: { path: dbPath }, options: { batchSize: 1000 } });
+  s.on('change', (e) => {
+    const t = nowMs();
+    const i = typeof e.key === 'string' && e.key.startsWith(KEY_PREFIX) ? Number(e.key.slice(KEY_PREFIX.length)) : -1;
+    if (!(i >= 0 && i < total) || Number.isNaN(sent[i])) {
+      unexpected++;
+      return;
+    }
+    if (!Number.isNaN(seen[i])) {
+      duplicates++;
+      return;
+    }
+    seen[i] = t - sent[i];
+    handoff[i] = e.latency;
+    received++;
+  });
+  s.on('error', () => {});
+
+  let status;
+  let issued = 0;
+  let pacedMs = 0;
+  try {
+    await s.init();
+
+    // Paced phase: absolute-time schedule, bounded by count and by time.
+    await new Promise((resolve) => {
+      const start = nowMs() + 5;
+      const deadline = start + pacedBudgetMs;
+      const tick = () => {
+        const now = nowMs();
+        while (issued < total && start + issued * interval <= now) {
+          const i = issued++;
+          const t = nowMs();
+          lag[i] = t - (start + i * interval);
+          sent[i] = t;
+          s.push(`${KEY_PREFIX}${i}`, { i, at: Date.now() }).then(
+            () => {
+              acked[i] = nowMs() - sent[i];
+            },
+            (err) => {
+              pushErrors++;
+              if (!firstPushError) firstPushError = err;
+            },
+          );
+        }
+        if (issued >= total || now >= deadline) {
+          pacedMs = now - start;
+          resolve();
+          return;
+        }
+        const delay = start + issued * interval - nowMs();
+        setTimeout(tick, Math.max(1, Math.floor(delay)));
+      };
+      setTimeout(tick, 5);
+    });
+
+    await waitFor(() => received + pushErrors >= issued, DRAIN_TIMEOUT_MS, 5);
+    // Let the last push promises settle (they may arrive after the events).
+    await waitFor(() => {
+      for (let i = issued - 1; i >= Math.max(0, issued - 50); i--) if (Number.isNaN(acked[i])) return false;
+      return true;
+    }, 2000, 5);
+    status = s.getStatus();
+  } finally {
+    await s.close();
+    removeDb(dbPath);
+  }
+
+  const measured = [];
+  const measuredHandoff = [];
+  const measuredAck = [];
+  const measuredLag = [];
+  for (let i = WARMUP; i < issued; i++) {
+    if (!Number.isNaN(seen[i])) {
+      measured.push(seen[i]);
+      measuredHandoff.push(handoff[i]);
+    }
+    if (!Number.isNaN(acked[i])) measuredAck.push(acked[i]);
+    measuredLag.push(lag[i]);
+  }
+  return {
+    target: target.name,
+    issued,
+    received,
+    missing: issued - received,
+    duplicates,
+    unexpected,
+    pushErrors,
+    firstPushError: firstPushError ? `${firstPushError.code || ''} ${firstPushError.message}`.trim() : null,
+    achievedRate: issued > 0 && pacedMs > 0 ? (issued / pacedMs) * 1000 : NaN,
+    pushToListener: summarize(measured),
+    commitToJsPerEvent: summarize(measuredHandoff),
+    pushToAck: summarize(measuredAck),
+    scheduleLag: summarize(measuredLag),
+    engineStatusLatency: status ? status.latency : null,
+    engineEvents: status ? status.events : null,
+    engineStore: status ? status.store : null,
+  };
+}
+
+async function main() {
+  const UltimateStreamer = await loadStreamer();
+  const command = commandFor(__filename, process.argv.slice(2));
+  const startedAt = new Date();
+  console.log(`latency: ${COUNT} measured pushes (+${WARMUP} warm-up) at ${RATE}/s, ${ROUNDS} rounds, stores: file, :memory:`);
+
+  const rounds = [];
+  const problems = [];
+  for (let r = 1; r <= ROUNDS; r++) {
+    for (const target of TARGETS) {
+      const res = await runOnce(UltimateStreamer, target);
+      res.round = r;
+      rounds.push(res);
+      const p = res.pushToListener;
+      console.log(
+        `  round ${r} ${target.name.padEnd(6)} rate ${fmt(res.achievedRate, 0)}/s  push->listener p50 ${fmt(p.p50)} p90 ${fmt(p.p90)} p99 ${fmt(p.p99)} max ${fmt(p.max)} ms` +
+          `  (received ${res.received}/${res.issued})`,
+      );
+      if (res.missing > 0) problems.push(`round ${r} ${target.name}: ${res.missing} of ${res.issued} events never reached the listener`);
+      if (res.duplicates > 0) problems.push(`round ${r} ${target.name}: ${res.duplicates} events delivered twice`);
+      if (res.unexpected > 0) problems.push(`round ${r} ${target.name}: ${res.unexpected} events with unknown keys`);
+      if (res.pushErrors > 0) problems.push(`round ${r} ${target.name}: ${res.pushErrors} push() calls rejected (${res.firstPushError})`);
+      if (res.issued < WARMUP + COUNT) problems.push(`round ${r} ${target.name}: only ${res.issued} of ${WARMUP + COUNT} pushes issued within the time bound`);
+    }
+  }
+
+  const medians = {};
+  for (const target of TARGETS) {
+    const rs = rounds.filter((x) => x.target === target.name);
+    medians[target.name] = {
+      achievedRate: medianOf(rs, ['achievedRate']).achievedRate,
+      pushToListener: medianOf(rs.map((x) => x.pushToListener), STAT_FIELDS),
+      commitToJsPerEvent: medianOf(rs.map((x) => x.commitToJsPerEvent), STAT_FIELDS),
+      pushToAck: medianOf(rs.map((x) => x.pushToAck), STAT_FIELDS),
+      scheduleLag: medianOf(rs.map((x) => x.scheduleLag), STAT_FIELDS),
+      engineStatusLatency: medianOf(rs.map((x) => x.engineStatusLatency), ENGINE_FIELDS),
+    };
+  }
+
+  printTable(
+    `push() -> 'change' listener latency, ms (median of ${ROUNDS} rounds; ${COUNT} events per round at ${RATE}/s)`,
+    ['store', 'rate/s', 'p50', 'p90', 'p99', 'max', 'mean'],
+    TARGETS.map((t) => {
+      const m = medians[t.name];
+      return [t.label, fmt(m.achievedRate, 0), m.pushToListener.p50, m.pushToListener.p90, m.pushToListener.p99, m.pushToListener.max, m.pushToListener.mean];
+    }),
+  );
+  printTable(
+    'for comparison, ms (median of rounds): push() -> its promise resolved; commit -> JS per event (e.latency); push() call behind schedule',
+    ['store', 'ack p50', 'ack p99', 'commit->JS p50', 'commit->JS p90', 'commit->JS p99', 'commit->JS max', 'sched. lag p50', 'sched. lag p99'],
+    TARGETS.map((t) => {
+      const m = medians[t.name];
+      return [
+        t.label,
+        m.pushToAck.p50,
+        m.pushToAck.p99,
+        m.commitToJsPerEvent.p50,
+        m.commitToJsPerEvent.p90,
+        m.commitToJsPerEvent.p99,
+        m.commitToJsPerEvent.max,
+        m.scheduleLag.p50,
+        m.scheduleLag.p99,
+      ];
+    }),
+  );
+  printTable(
+    "engine's own getStatus().latency, ms (commit -> JS hand-off, every event of the run incl. warm-up; median of rounds)",
+    ['store', 'count', 'p50', 'p95', 'p99', 'max', 'mean'],
+    TARGETS.map((t) => {
+      const m = medians[t.name].engineStatusLatency;
+      return [t.label, fmt(m.count, 0), m.p50, m.p95, m.p99, m.max, m.mean];
+    }),
+  );
+
+  const summary = [];
+  for (const t of TARGETS) {
+    const m = medians[t.name];
+    summary.push({ metric: `push → 'change' listener p50 (${t.label}, ${RATE}/s)`, value: m.pushToListener.p50, unit: 'ms' });
+    summary.push({ metric: `push → 'change' listener p90 (${t.label}, ${RATE}/s)`, value: m.pushToListener.p90, unit: 'ms' });
+    summary.push({ metric: `push → 'change' listener p99 (${t.label}, ${RATE}/s)`, value: m.pushToListener.p99, unit: 'ms' });
+    summary.push({ metric: `push → 'change' listener max (${t.label}, ${RATE}/s)`, value: m.pushToListener.max, unit: 'ms' });
+    summary.push({ metric: `engine getStatus().latency p50 / p99 (${t.label})`, value: `${fmt(m.engineStatusLatency.p50)} / ${fmt(m.engineStatusLatency.p99)}`, unit: 'ms' });
+  }
+
+  if (problems.length) {
+    console.log('\nPROBLEMS:');
+    for (const p of problems) console.log(`  - ${p}`);
+  }
+
+  const file = writeResult('latency', {
+    name: 'latency',
+    command,
+    date: startedAt.toISOString(),
+    durationSec: Math.round((Date.now() - startedAt.getTime()) / 100) / 10,
+    machine: machineFacts(),
+    config: { rate: RATE, count: COUNT, warmup: WARMUP, rounds: ROUNDS, batchSize: 1000, pacing: 'absolute schedule, setTimeout' },
+    ok: problems.length === 0,
+    problems,
+    median: medians,
+    rounds,
+    summary,
+  });
+  console.log(`\nwrote ${file}`);
+  if (problems.length) process.exitCode = 1;
+}
+
+main().catch((e) => {
+  console.error(e && e.stack ? e.stack : e);
+  process.exitCode = 1;
+});

@@ -1,0 +1,307 @@
+'use strict';
+// push() throughput with 64 concurrent pushers on the embedded store, against the same workload
+// written with better-sqlite3 (what a user could write instead), same run, same kind of file.
+//
+// Workload: TOTAL upserts (default 100,000, or at most MAX_SEC seconds) by 64 async "pushers";
+// each pusher takes the next operation number, upserts a JSON value under one of KEYS keys (a fixed
+// pseudo-random sequence, the same for every mode), waits for it, and goes on. A warm-up of
+// WARMUP upserts runs first and is not timed. Modes:
+//   ultimate-streaming              `await s.push(key, value)` on a SQLite file, no listener
+//   ultimate-streaming + listener   the same with a 'change' listener counting the events
+//   better-sqlite3                  a plain table with the same columns on a SQLite file (WAL,
+//                                   synchronous=NORMAL, as the engine's default), each pusher runs
+//                                   `INSERT ... ON CONFLICT(k) DO UPDATE SET v=excluded.v,
+//                                   version=version+1 ... RETURNING version` synchronously in
+//                                   autocommit mode, then yields (`await`)
+// Modes are interleaved round by round; medians over the rounds and ratios against better-sqlite3
+// (from the medians of this run) are reported. After every run the file is reopened and
+// SUM(version) is checked against the number of upserts.
+//
+//   node benchmark/push-throughput.js [--total=100000] [--pushers=64] [--keys=10000] [--rounds=3]
+//                                     [--max-sec=10] [--budget=60]
+
+const {
+  nowMs,
+  median,
+  fmt,
+  printTable,
+  tempDbPath,
+  removeDb,
+  writeResult,
+  machineFacts,
+  loadStreamer,
+  loadBetterSqlite3,
+  commandFor,
+  numberArg,
+  waitFor,
+} = require('./common');
+
+const TOTAL = Math.floor(numberArg('total', 100_000));
+const PUSHERS = Math.floor(numberArg('pushers', 64));
+const KEYS = Math.floor(numberArg('keys', 10_000));
+const ROUNDS = Math.floor(numberArg('rounds', 3));
+const MAX_MS = numberArg('max-sec', 10) * 1000;
+const BUDGET_MS = numberArg('budget', 60) * 1000;
+const WARMUP = Math.min(2_000, TOTAL);
+const PAD = 'x'.repeat(48);
+
+const MODES = [
+  { name: 'usp', label: 'ultimate-streaming push()', kind: 'usp', listener: false },
+  { name: 'usp+listener', label: "ultimate-streaming push() + 'change' listener", kind: 'usp', listener: true },
+  { name: 'better-sqlite3', label: 'better-sqlite3 upsert, autocommit', kind: 'bsq' },
+];
+
+// A fixed pseudo-random key sequence (xorshift32), identical for every mode and round.
+const KEY_SEQ = (() => {
+  const n = WARMUP + TOTAL;
+  const a = new Int32Array(n);
+  let x = 0x2545f491;
+  for (let i = 0; i < n; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    a[i] = (x >>> 0) % KEYS;
+  }
+  return a;
+})();
+
+function valueFor(i, pusher) {
+  return { n: i, by: pusher, pad: PAD };
+}
+
+/**
+ * Runs `count` operations starting at operation number `from` with PUSHERS concurrent loops,
+ * each awaiting `op(i, pusher)` before taking the next number. Bounded by count and by `maxMs`.
+ * Resolves { done, ms, errors, firstError }.
+ */
+async function drive(op, from, count, maxMs) {
+  let next = from;
+  const end = from + count;
+  let done = 0;
+  let errors = 0;
+  let firstError = null;
+  const t0 = nowMs();
+  const deadline = t0 + maxMs;
+  const loop = async (pusher) => {
+    while (next < end && nowMs() < deadline) {
+      const i = next++;
+      try {
+        await op(i, pusher);
+        done++;
+      } catch (e) {
+        errors++;
+        if (!firstError) firstError = e;
+        if (errors > 100) return; // something is broken; do not spin on it
+      }
+    }
+  };
+  const loops = [];
+  for (let p = 0; p < PUSHERS; p++) loops.push(loop(p));
+  await Promise.all(loops);
+  return { done, ms: nowMs() - t0, errors, firstError };
+}
+
+function checkVersions(Database, dbPath, table) {
+  const db = new Database(dbPath, { readonly: true });
+  try {
+    const row = db.prepare(`SELECT COUNT(*) AS keys, COALESCE(SUM(version), 0) AS versions FROM ${table}`).get();
+    return { keys: row.keys, versionSum: row.versions };
+  } finally {
+    db.close();
+  }
+}
+
+async function runUsp(UltimateStreamer, Database, mode) {
+  const dbPath = tempDbPath('push-usp');
+  let events = 0;
+  let status;
+  let warm;
+  let timed;
+  const s = new UltimateStreamer({ connection: { path: dbPath }, options: { batchSize: 1000 } });
+  if (mode.listener) s.on('change', () => {
+    events++;
+  });
+  s.on('error', () => {});
+  try {
+    await s.init();
+    const op = (i, p) => s.push(`key:${KEY_SEQ[i]}`, valueFor(i, p));
+    warm = await drive(op, 0, WARMUP, MAX_MS);
+    timed = await drive(op, WARMUP, TOTAL, MAX_MS);
+    if (mode.listener) await waitFor(() => events >= warm.done + timed.done, 10_000, 5);
+    status = s.getStatus();
+  } finally {
+    await s.close();
+  }
+  let check;
+  try {
+    check = checkVersions(Database, dbPath, 'usp_kv');
+  } finally {
+    removeDb(dbPath);
+  }
+  return {
+    warm,
+    timed,
+    check,
+    events: mode.listener ? events : null,
+    engine: status ? { store: status.store, events: status.events, errors: status.errors, latency: status.latency } : null,
+  };
+}
+
+async function runBsq(Database) {
+  const dbPath = tempDbPath('push-bsq');
+  let warm;
+  let timed;
+  const db = new Database(dbPath);
+  try {
+    db.pragma('journal_mode = WAL');
+    db.pragma('synchronous = NORMAL');
+    db.pragma('busy_timeout = 5000');
+    db.exec(
+      'CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT, version INTEGER NOT NULL DEFAULT 1,' +
+        ' deleted INTEGER NOT NULL DEFAULT 0, updated_at INTEGER)',
+    );
+    const upsert = db.prepare(
+      'INSERT INTO kv (k, v, version, deleted, updated_at) VALUES (?, ?, 1, 0, ?)' +
+        ' ON CONFLICT(k) DO UPDATE SET v = excluded.v, version = version + 1, deleted = 0, updated_at = excluded.updated_at' +
+        ' RETURNING version',
+    );
+    // An async pusher around a synchronous call: run it, then yield like an awaited call would.
+    const op = async (i, p) => {
+      const key = `key:${KEY_SEQ[i]}`;
+      const row = upsert.get(key, JSON.stringify(valueFor(i, p)), Date.now() * 1000);
+      return { key, version: row.version };
+    };
+    warm = await drive(op, 0, WARMUP, MAX_MS);
+    timed = await drive(op, WARMUP, TOTAL, MAX_MS);
+  } finally {
+    db.close();
+  }
+  let check;
+  try {
+    check = checkVersions(Database, dbPath, 'kv');
+  } finally {
+    removeDb(dbPath);
+  }
+  return { warm, timed, check, events: null, engine: null };
+}
+
+async function main() {
+  const UltimateStreamer = await loadStreamer();
+  const Database = loadBetterSqlite3();
+  const command = commandFor(__filename, process.argv.slice(2));
+  const startedAt = new Date();
+  console.log(
+    `push-throughput: ${TOTAL} upserts (or ${MAX_MS / 1000} s) by ${PUSHERS} concurrent pushers over ${KEYS} keys,` +
+      ` +${WARMUP} warm-up, ${ROUNDS} rounds, SQLite files (WAL, synchronous=NORMAL)`,
+  );
+
+  const rounds = [];
+  const problems = [];
+  const skipped = [];
+  const longest = {};
+  const t0 = Date.now();
+  for (let r = 1; r <= ROUNDS; r++) {
+    for (const mode of MODES) {
+      if (r > 1 && Date.now() - t0 + (longest[mode.name] || 0) > BUDGET_MS) {
+        skipped.push(`round ${r} ${mode.name}`);
+        console.log(`  round ${r} ${mode.name.padEnd(14)} skipped: the time budget of ${BUDGET_MS / 1000} s would be exceeded`);
+        continue;
+      }
+      const runStart = Date.now();
+      const res = mode.kind === 'usp' ? await runUsp(UltimateStreamer, Database, mode) : await runBsq(Database);
+      longest[mode.name] = Math.max(longest[mode.name] || 0, Date.now() - runStart);
+      const pushesPerSec = (res.timed.done / res.timed.ms) * 1000;
+      const out = {
+        round: r,
+        mode: mode.name,
+        pushes: res.timed.done,
+        ms: res.timed.ms,
+        pushesPerSec,
+        complete: res.timed.done === TOTAL,
+        errors: res.warm.errors + res.timed.errors,
+        firstError: res.timed.firstError || res.warm.firstError ? String((res.timed.firstError || res.warm.firstError).message) : null,
+        expectedVersionSum: res.warm.done + res.timed.done,
+        check: res.check,
+        events: res.events,
+        engine: res.engine,
+      };
+      rounds.push(out);
+      const tx = res.engine && res.engine.store ? res.engine.store : null;
+      console.log(
+        `  round ${r} ${mode.name.padEnd(14)} ${fmt(pushesPerSec, 0)} pushes/s  (${res.timed.done} in ${fmt(res.timed.ms)} ms` +
+          (tx ? `, ${tx.writes} writes in ${tx.transactions} transactions` : '') +
+          (res.events !== null ? `, ${res.events} events` : '') +
+          ')',
+      );
+      if (!out.complete) problems.push(`round ${r} ${mode.name}: only ${res.timed.done} of ${TOTAL} pushes within ${MAX_MS / 1000} s`);
+      if (out.errors) problems.push(`round ${r} ${mode.name}: ${out.errors} pushes failed (${out.firstError})`);
+      if (res.check.versionSum !== out.expectedVersionSum) {
+        problems.push(`round ${r} ${mode.name}: SUM(version) in the file is ${res.check.versionSum}, expected ${out.expectedVersionSum}`);
+      }
+      if (res.events !== null && res.events !== out.expectedVersionSum) {
+        problems.push(`round ${r} ${mode.name}: the 'change' listener saw ${res.events} events for ${out.expectedVersionSum} pushes`);
+      }
+    }
+  }
+  if (skipped.length) console.log(`\nnote: ${skipped.length} run(s) skipped for time (${skipped.join(', ')}); medians use the rounds that ran`);
+
+  const medians = {};
+  for (const mode of MODES) {
+    const rs = rounds.filter((x) => x.mode === mode.name);
+    medians[mode.name] = {
+      rounds: rs.length,
+      pushesPerSec: median(rs.map((x) => x.pushesPerSec)),
+      ms: median(rs.map((x) => x.ms)),
+      writesPerTransaction: median(
+        rs.map((x) => (x.engine && x.engine.store && x.engine.store.transactions ? x.engine.store.writes / x.engine.store.transactions : NaN)),
+      ),
+    };
+  }
+  const base = medians['better-sqlite3'].pushesPerSec;
+  printTable(
+    `push throughput, ${PUSHERS} concurrent pushers, ${TOTAL} upserts over ${KEYS} keys (median of ${ROUNDS} rounds)`,
+    ['mode', 'rounds', 'pushes/s', 'time ms', 'writes/tx', 'vs better-sqlite3'],
+    MODES.map((m) => {
+      const x = medians[m.name];
+      return [m.label, String(x.rounds), fmt(x.pushesPerSec, 0), x.ms, Number.isNaN(x.writesPerTransaction) ? '1 (autocommit)' : fmt(x.writesPerTransaction, 1), `${fmt(x.pushesPerSec / base)}x`];
+    }),
+  );
+  const ratio = medians.usp.pushesPerSec / base;
+  const ratioListener = medians['usp+listener'].pushesPerSec / base;
+  console.log(`\nratio ultimate-streaming / better-sqlite3: ${fmt(ratio)}x (with a 'change' listener: ${fmt(ratioListener)}x)`);
+
+  const summary = [
+    { metric: `push() pushes/s, ${PUSHERS} pushers, ${KEYS} keys, no listener`, value: medians.usp.pushesPerSec, unit: 'pushes/s' },
+    { metric: `push() pushes/s, ${PUSHERS} pushers, ${KEYS} keys, with a 'change' listener`, value: medians['usp+listener'].pushesPerSec, unit: 'pushes/s' },
+    { metric: `better-sqlite3 autocommit upserts/s, ${PUSHERS} pushers, ${KEYS} keys`, value: base, unit: 'upserts/s' },
+    { metric: 'ratio push() / better-sqlite3 (no listener)', value: ratio, unit: 'x' },
+    { metric: "ratio push() / better-sqlite3 (with 'change' listener)", value: ratioListener, unit: 'x' },
+  ];
+
+  if (problems.length) {
+    console.log('\nPROBLEMS:');
+    for (const p of problems) console.log(`  - ${p}`);
+  }
+  const file = writeResult('push-throughput', {
+    name: 'push-throughput',
+    command,
+    date: startedAt.toISOString(),
+    durationSec: Math.round((Date.now() - startedAt.getTime()) / 100) / 10,
+    machine: machineFacts(),
+    config: { total: TOTAL, pushers: PUSHERS, keys: KEYS, warmup: WARMUP, rounds: ROUNDS, maxSec: MAX_MS / 1000, budgetSec: BUDGET_MS / 1000, modes: MODES },
+    ok: problems.length === 0,
+    problems,
+    skippedForTime: skipped,
+    median: medians,
+    ratios: { uspOverBetterSqlite3: ratio, uspListenerOverBetterSqlite3: ratioListener },
+    rounds,
+    summary,
+  });
+  console.log(`\nwrote ${file}`);
+  if (problems.length) process.exitCode = 1;
+}
+
+main().catch((e) => {
+  console.error(e && e.stack ? e.stack : e);
+  process.exitCode = 1;
+});

@@ -1,0 +1,256 @@
+// Public types of ultimate-streaming. The native binding's generated types are in
+// native/index.d.ts; this file describes the JavaScript API users call.
+
+import { EventEmitter } from 'node:events';
+
+/**
+ * Stable error codes. Every error the package throws or rejects with is a `UspError` whose
+ * `code` is one of these:
+ *
+ * - `USP_INVALID_CONFIG` — the configuration is invalid; the message names the option.
+ * - `USP_UNSUPPORTED_BACKEND` — the chosen database (`mysql`, `mongodb`) is not available in this version.
+ * - `USP_INVALID_KEY` — the key is not a non-empty string of at most `maxKeyLength` characters without NUL.
+ * - `USP_INVALID_VALUE` — the value cannot be stored as JSON (undefined, function, symbol, BigInt, circular).
+ * - `USP_VALUE_TOO_LARGE` — the value is larger than `maxValueSize` bytes as JSON (default 16 MiB).
+ * - `USP_INVALID_ARGUMENT` — another argument is wrong (listener options, a config given twice).
+ * - `USP_NOT_INITIALIZED` — a data method was called before `init()` resolved.
+ * - `USP_CLOSED` — the streamer is closed.
+ * - `USP_ALREADY_INITIALIZED` — `init(config)` was called again with a new config.
+ * - `USP_DB_UNAVAILABLE` — the database cannot be opened or reached.
+ * - `USP_DB_ERROR` — the database refused the statement; nothing was written.
+ * - `USP_DB_BUSY` — the database stayed locked by another process past the busy timeout; retry.
+ * - `USP_OVERLOADED` — more operations are waiting than `writeQueueSize`; await earlier calls.
+ * - `USP_LISTENER_ERROR` — a listener threw (reported on `'error'`); delivery to others continued.
+ * - `USP_INTERNAL` — an engine invariant failed; please report it.
+ */
+export type UspErrorCode =
+  | 'USP_INVALID_CONFIG'
+  | 'USP_UNSUPPORTED_BACKEND'
+  | 'USP_INVALID_KEY'
+  | 'USP_INVALID_VALUE'
+  | 'USP_VALUE_TOO_LARGE'
+  | 'USP_INVALID_ARGUMENT'
+  | 'USP_NOT_INITIALIZED'
+  | 'USP_CLOSED'
+  | 'USP_ALREADY_INITIALIZED'
+  | 'USP_DB_UNAVAILABLE'
+  | 'USP_DB_ERROR'
+  | 'USP_DB_BUSY'
+  | 'USP_OVERLOADED'
+  | 'USP_LISTENER_ERROR'
+  | 'USP_INTERNAL';
+
+/** An error with a stable `code`. */
+export declare class UspError extends Error {
+  constructor(code: UspErrorCode, message: string, options?: { cause?: unknown });
+  readonly code: UspErrorCode;
+}
+
+/** Every error code with a one-line meaning. */
+export declare const ERROR_CODES: Readonly<Record<UspErrorCode, string>>;
+
+/** Any value that survives JSON. */
+export type JsonValue = null | boolean | number | string | JsonValue[] | { [key: string]: JsonValue };
+
+/** Engine options; every bound has a default. Given under `options` (nested shape) or at the top level (flat shape). */
+export interface StreamerOptions {
+  /** Use the database's change stream when it has one. Default true. */
+  useChangeStreams?: boolean;
+  /** Polling interval of the polling fallback, in ms (10..3600000). Default 2000. */
+  pollingInterval?: number;
+  /** Keep an in-process cache in front of the store. Default true. */
+  enableCache?: boolean;
+  /** Maximum WebSocket connections (used by the hub). Default 10000. */
+  maxConnections?: number;
+  /** Cache bound in bytes of keys + values. Default 64 MiB. */
+  cacheMaxBytes?: number;
+  /** Cache entry time-to-live in ms; 0 = until evicted. Default 0. */
+  cacheTTL?: number;
+  /** Maximum events per JavaScript call. Default 1000. `1` = one call per event. */
+  batchSize?: number;
+  /** Under sustained load, how long a batch may wait to fill up, in ms. Default 1. */
+  batchTimeout?: number;
+  /** Bound of the queue between capture and delivery, in events. Default 65536. */
+  queueSize?: number;
+  /** Batches handed to JavaScript and not yet processed. Default 2. */
+  maxInFlightBatches?: number;
+  /** Bound of the queue of pending push/get/delete calls. Default 65536. */
+  writeQueueSize?: number;
+  /** Maximum operations committed in one transaction. Default 1024. */
+  writeBatchSize?: number;
+  /** Maximum JSON size of one value, in bytes. Default 16 MiB. */
+  maxValueSize?: number;
+  /** Maximum key length in characters (1..191). Default 191. */
+  maxKeyLength?: number;
+  /** Events kept for replay to reconnecting consumers. Default 10000. */
+  historySize?: number;
+  /** Keys whose last delivered version is remembered for dedupe. Default 1000000. */
+  dedupeCapacity?: number;
+  /** Log level (to stderr): off, error, warn, info, debug, trace. Default: `USP_LOG` or warn. */
+  logLevel?: 'off' | 'error' | 'warn' | 'info' | 'debug' | 'trace';
+  /** KV table name (letters, digits, underscore). Default 'usp_kv'; the change log is `<table>_changes`. */
+  table?: string;
+  /** Embedded SQLite settings. */
+  sqlite?: {
+    /** 'normal' (default: survives a process crash) or 'full' (fsync per commit: survives power loss). */
+    synchronous?: 'normal' | 'full';
+    /** How long a write waits for another process's lock, in ms. Default 5000. */
+    busyTimeout?: number;
+    /** How often other processes' commits are looked for, in ms. Default 2. */
+    tailInterval?: number;
+    /** Change-log rows kept for readers that are behind. Default 100000. */
+    changeLogRetention?: number;
+  };
+}
+
+/** Connection settings. For the embedded default only `path` (or `uri: 'sqlite:<path>'`) applies. */
+export interface ConnectionConfig {
+  /** SQLite file path, or ':memory:'. Default 'ultimate-streaming.db' in the working directory. */
+  path?: string;
+  uri?: string;
+  host?: string;
+  port?: number;
+  user?: string;
+  password?: string;
+  database?: string;
+}
+
+/** The nested configuration shape. */
+export interface NestedConfig {
+  /** 'sqlite' (default), 'mysql' or 'mongodb' (not available yet). */
+  database?: 'sqlite' | 'mysql' | 'mongodb';
+  connection?: ConnectionConfig;
+  options?: StreamerOptions;
+}
+
+/** The flat configuration shape; `database` is the database name (the file path for sqlite). */
+export interface FlatConfig extends StreamerOptions {
+  dbType: 'sqlite' | 'mysql' | 'mongodb';
+  host?: string;
+  port?: number;
+  user?: string;
+  password?: string;
+  database?: string;
+  path?: string;
+  uri?: string;
+}
+
+export type StreamerConfig = NestedConfig | FlatConfig;
+
+/** One committed change. */
+export interface ChangeEvent<T = JsonValue> {
+  type: 'insert' | 'update' | 'delete';
+  key: string;
+  /** The value after the change; null for deletes. */
+  data: T | null;
+  /** Per-key version assigned by the database in the write itself; increases by one per change. */
+  version: number;
+  /** Global sequence number of this streamer's deliveries. */
+  seq: number;
+  /** Where the change was captured: 'sqlite'. */
+  source: string;
+  /** Commit time, ms since the Unix epoch (fractional). */
+  timestamp: number;
+  /** Milliseconds from commit to hand-off to JavaScript. */
+  latency: number;
+}
+
+/** The capture could not resume from its position: changes `from..=to` were not delivered. */
+export interface ResyncEvent {
+  type: 'resync';
+  source: string;
+  reason: string;
+  from: number;
+  to: number;
+}
+
+/** A latency summary in milliseconds, from commit to hand-off to JavaScript. */
+export interface LatencyStatus {
+  count: number;
+  p50: number;
+  p95: number;
+  p99: number;
+  max: number;
+  mean: number;
+}
+
+/** What `getStatus()` returns. */
+export interface StreamerStatus {
+  /** 'idle' before init, 'starting', 'changelog' (capturing the SQLite change log), 'closed'. */
+  mode: 'idle' | 'starting' | 'changelog' | 'closed';
+  connected: boolean;
+  initialized: boolean;
+  closed: boolean;
+  /** The backend, without credentials. */
+  backend: { type: string; path?: string; table?: string; synchronous?: string; host?: string; port?: number; database?: string; uri?: string };
+  events: { captured: number; emitted: number; deduplicated: number; perSecond: number; batches: number; maxBatch: number; resyncs: number };
+  latency: LatencyStatus;
+  cache: { enabled: boolean; hits: number; misses: number; hitRatio: number; size: number; bytes: number; maxBytes: number; ttlMs: number };
+  queues: {
+    writes: { depth: number; capacity: number };
+    delivery: { depth: number; capacity: number };
+    inFlightBatches: { depth: number; capacity: number };
+  };
+  store: { transactions: number; writes: number; position: number };
+  history: { size: number; capacity: number; lastSeq: number };
+  errors: { recoverable: number; fatal: number; listener: number; last: { code: string; message: string; at: number } | null };
+  uptimeMs: number;
+}
+
+/** Only changes whose key starts with `prefix` reach the listener. */
+export interface ListenerFilter {
+  prefix: string;
+}
+
+type ChangeEventName = 'change' | 'insert' | 'update' | 'delete';
+
+/**
+ * Streams every change committed to the store to its listeners, from this process or any other.
+ *
+ * ```js
+ * const UltimateStreamer = require('ultimate-streaming');
+ * const streamer = new UltimateStreamer();           // embedded SQLite file
+ * streamer.on('change', (e) => console.log(e.type, e.key, e.data));
+ * await streamer.init();
+ * await streamer.push('price:BTC', { bid: 64000.5 }); // { key, version }
+ * await streamer.get('price:BTC');
+ * await streamer.delete('price:BTC');
+ * streamer.getStatus();
+ * await streamer.close();
+ * ```
+ */
+export declare class UltimateStreamer extends EventEmitter {
+  /** @throws {UspError} USP_INVALID_CONFIG, USP_UNSUPPORTED_BACKEND */
+  constructor(config?: StreamerConfig);
+  /** Opens the store and starts capture. `config` may be given here instead of to the constructor. */
+  init(config?: StreamerConfig): Promise<void>;
+  /** Durable upsert; resolves once committed, with the new version. */
+  push<T extends JsonValue>(key: string, data: T): Promise<{ key: string; version: number }>;
+  /** The current value (cache first, then the store), or null when absent. */
+  get<T extends JsonValue = JsonValue>(key: string): Promise<T | null>;
+  /** Deletes a key; resolves true when it existed. */
+  delete(key: string): Promise<boolean>;
+  /** Mode, throughput, latency percentiles, cache, queues and errors. Never contains secrets. */
+  getStatus(): StreamerStatus;
+  /** Finishes queued work, delivers what was committed, stops every thread; Node can then exit. */
+  close(): Promise<void>;
+
+  on(event: ChangeEventName, listener: (e: ChangeEvent) => void): this;
+  on(event: ChangeEventName, filter: ListenerFilter, listener: (e: ChangeEvent) => void): this;
+  /** Every delivered batch at once (after the per-event listeners). */
+  on(event: 'batch', listener: (events: Array<ChangeEvent | ResyncEvent>) => void): this;
+  on(event: 'resync', listener: (e: ResyncEvent) => void): this;
+  on(event: 'error', listener: (err: UspError) => void): this;
+  on(event: 'ready' | 'close', listener: () => void): this;
+  on(event: string | symbol, listener: (...args: any[]) => void): this;
+
+  addListener(event: ChangeEventName, listener: (e: ChangeEvent) => void): this;
+  addListener(event: ChangeEventName, filter: ListenerFilter, listener: (e: ChangeEvent) => void): this;
+  addListener(event: string | symbol, listener: (...args: any[]) => void): this;
+
+  once(event: ChangeEventName, listener: (e: ChangeEvent) => void): this;
+  once(event: ChangeEventName, filter: ListenerFilter, listener: (e: ChangeEvent) => void): this;
+  once(event: string | symbol, listener: (...args: any[]) => void): this;
+}
+
+export default UltimateStreamer;
