@@ -86,7 +86,7 @@ function fmt(v, digits = 2) {
   if (v === null || v === undefined) return '-';
   if (typeof v !== 'number') return String(v);
   if (Number.isNaN(v)) return 'n/a';
-  if (Math.abs(v) >= 1000) return Math.round(v).toLocaleString('en-US');
+  if (Math.abs(v) >= 1000 || digits === 0) return Math.round(v).toLocaleString('en-US');
   return v.toFixed(digits);
 }
 
@@ -106,9 +106,11 @@ function printTable(title, header, rows) {
 // ---------------------------------------------------------------------------------------------
 // Files
 
+const TEMP_DIR = path.join(os.tmpdir(), 'usp-bench');
+
 /** A fresh path for a SQLite file under the OS temp dir; nothing is created. */
 function tempDbPath(tag) {
-  const dir = path.join(os.tmpdir(), 'usp-bench');
+  const dir = TEMP_DIR;
   fs.mkdirSync(dir, { recursive: true });
   return path.join(dir, `${tag}-${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2, 8)}.db`);
 }
@@ -122,6 +124,15 @@ function removeDb(p) {
     } catch {
       // absent already
     }
+  }
+}
+
+/** Removes the temp dir of the benchmarks when it is empty (another run may still use it). */
+function removeTempDir() {
+  try {
+    fs.rmdirSync(TEMP_DIR);
+  } catch {
+    // not empty, or already gone
   }
 }
 
@@ -206,6 +217,7 @@ module.exports = {
   printTable,
   tempDbPath,
   removeDb,
+  removeTempDir,
   writeResult,
   machineFacts,
   loadStreamer,

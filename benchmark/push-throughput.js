@@ -27,6 +27,7 @@ const {
   printTable,
   tempDbPath,
   removeDb,
+  removeTempDir,
   writeResult,
   machineFacts,
   loadStreamer,
@@ -301,7 +302,9 @@ async function main() {
   if (problems.length) process.exitCode = 1;
 }
 
-main().catch((e) => {
-  console.error(e && e.stack ? e.stack : e);
-  process.exitCode = 1;
-});
+main()
+  .catch((e) => {
+    console.error(e && e.stack ? e.stack : e);
+    process.exitCode = 1;
+  })
+  .finally(removeTempDir);

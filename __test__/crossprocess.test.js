@@ -1,0 +1,138 @@
+'use strict';
+// Changes committed by other processes reach this process's listeners, and with several
+// processes pushing to the same keys every listener sees every (key, version) exactly once, in order.
+const { spawn } = require('node:child_process');
+const path = require('node:path');
+const UltimateStreamer = require('..');
+const { tmpDb, waitFor, sqliteExternal, ROOT } = require('./helpers');
+
+const streamers = [];
+afterEach(async () => {
+  await Promise.all(streamers.splice(0).map((s) => s.close()));
+});
+
+async function started(file, options) {
+  const s = new UltimateStreamer({ connection: { path: file }, options });
+  streamers.push(s);
+  await s.init();
+  return s;
+}
+
+test('writes made with plain SQL by another process are captured with database-assigned versions', async () => {
+  const file = tmpDb();
+  const s = await started(file);
+  const seen = [];
+  s.on('change', (e) => seen.push([e.type, e.key, e.version, e.data]));
+  sqliteExternal(file, `INSERT INTO usp_kv (k, v) VALUES ('ext', '{"a":1}')`);
+  sqliteExternal(file, `UPDATE usp_kv SET v = '{"a":2}' WHERE k = 'ext'`);
+  sqliteExternal(file, `DELETE FROM usp_kv WHERE k = 'ext'`);
+  sqliteExternal(file, `UPDATE usp_kv SET v = 'not json', deleted = 0 WHERE k = 'ext'`);
+  await waitFor(() => seen.length === 4, '4 external changes');
+  expect(seen).toEqual([
+    ['insert', 'ext', 1, { a: 1 }],
+    ['update', 'ext', 2, { a: 2 }],
+    ['delete', 'ext', 3, null],
+    ['update', 'ext', 4, 'not json'],
+  ]);
+  // The cache followed the external writes.
+  expect(await s.get('ext')).toBe('not json');
+});
+
+test('pushes from another UltimateStreamer process reach this process', async () => {
+  const file = tmpDb();
+  const s = await started(file);
+  const seen = [];
+  s.on('change', (e) => seen.push([e.key, e.version, e.data]));
+  const script = `const U = require(${JSON.stringify(ROOT)}); (async () => {
+    const o = new U({ connection: { path: ${JSON.stringify(file)} } }); await o.init();
+    for (let i = 0; i < 50; i++) await o.push('remote', { i });
+    await o.delete('remote'); await o.close(); })()`;
+  await new Promise((resolve, reject) => {
+    const c = spawn(process.execPath, ['-e', script], { stdio: 'inherit' });
+    c.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`child exited ${code}`))));
+  });
+  await waitFor(() => seen.length === 51, '51 remote changes');
+  expect(seen.slice(0, 50).map((x) => x[1])).toEqual(Array.from({ length: 50 }, (_, i) => i + 1));
+  expect(seen[49][2]).toEqual({ i: 49 });
+  expect(seen[50]).toEqual(['remote', 51, null]);
+  expect(await s.get('remote')).toBeNull();
+});
+
+function startPusher(file, writer, count, keys, total) {
+  const child = spawn(process.execPath, [path.join(__dirname, 'fixtures', 'pusher.js'), file, String(writer), String(count), String(keys), String(total)], {
+    stdio: ['pipe', 'pipe', 'inherit'],
+  });
+  let out = '';
+  const ready = new Promise((resolve) => {
+    child.stdout.on('data', (d) => {
+      out += d;
+      if (out.startsWith('ready\n')) resolve();
+    });
+  });
+  const done = new Promise((resolve, reject) => {
+    const timer = setTimeout(() => child.kill('SIGKILL'), 120_000);
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      if (code !== 0) return reject(new Error(`pusher ${writer} exited with ${code}`));
+      resolve(JSON.parse(out.slice('ready\n'.length)));
+    });
+  });
+  return { child, ready, done };
+}
+
+test('two processes pushing to the same keys: every listener in both sees every version once, in order; caches equal the store', async () => {
+  const file = tmpDb();
+  // Create the schema before the pushers start, so both begin from the same position.
+  const s = await started(file);
+  const here = [];
+  s.on('change', (e) => here.push([e.key, e.version]));
+  const N = 2000;
+  const K = 20;
+  const a = startPusher(file, 1, N, K, 2 * N);
+  const b = startPusher(file, 2, N, K, 2 * N);
+  await Promise.all([a.ready, b.ready]);
+  a.child.stdin.write('go\n');
+  b.child.stdin.write('go\n');
+  const [ra, rb] = await Promise.all([a.done, b.done]);
+
+  const store = sqliteExternal(file, 'SELECT k, v, version FROM usp_kv ORDER BY k', { query: true });
+  const log = sqliteExternal(file, 'SELECT k, v, version FROM usp_kv_changes ORDER BY seq', { query: true });
+  expect(store).toHaveLength(K);
+  expect(store.reduce((n, r) => n + r.version, 0)).toBe(2 * N);
+  expect(log).toHaveLength(2 * N);
+  const finalVersion = Object.fromEntries(store.map((r) => [r.k, r.version]));
+  const dataAt = new Map(log.map((r) => [`${r.k}@${r.version}`, JSON.parse(r.v)]));
+
+  await waitFor(() => here.length >= 2 * N, 'all changes in the test process', 30_000);
+
+  const check = (events, who) => {
+    expect({ who, n: events.length }).toEqual({ who, n: 2 * N });
+    const perKey = new Map();
+    for (const [k, v] of events) {
+      if (!perKey.has(k)) perKey.set(k, []);
+      perKey.get(k).push(v);
+    }
+    for (const [k, versions] of perKey) {
+      // Exactly 1..final, in order: no loss, no duplicate, no reordering.
+      expect({ who, k, versions }).toEqual({ who, k, versions: Array.from({ length: finalVersion[k] }, (_, i) => i + 1) });
+    }
+  };
+  for (const [r, who] of [
+    [ra, 'A'],
+    [rb, 'B'],
+  ]) {
+    check(r.seenAll, `${who} all`);
+    check(r.seenFiltered, `${who} filtered`);
+    for (const [k, v, type, w, i] of r.seenAll) {
+      expect(type).toBe(v === 1 ? 'insert' : 'update');
+      expect({ w, i }).toEqual(dataAt.get(`${k}@${v}`));
+    }
+    for (const row of store) expect(r.cache[row.k]).toEqual(JSON.parse(row.v));
+    expect(r.status.events.captured).toBe(2 * N);
+    expect(r.status.errors.fatal).toBe(0);
+    // Concurrent pushes shared transactions.
+    expect(r.status.store.transactions).toBeLessThan(r.status.store.writes);
+  }
+  check(here, 'test process');
+  for (const row of store) expect(await s.get(row.k)).toEqual(JSON.parse(row.v));
+});

@@ -1,0 +1,113 @@
+'use strict';
+// Runs the benchmarks one after the other, each in its own Node process, then collects
+// benchmark/results/<name>.json into one markdown table (benchmark/results/summary.md).
+//
+//   node benchmark/run-all.js
+
+const fs = require('node:fs');
+const path = require('node:path');
+const { spawnSync } = require('node:child_process');
+const { ROOT, RESULTS_DIR, fmt, machineFacts, commandFor } = require('./common');
+
+const BENCHMARKS = [
+  { name: 'latency', file: path.join(__dirname, 'latency.js') },
+  { name: 'delivery', file: path.join(__dirname, 'delivery.js') },
+  { name: 'push-throughput', file: path.join(__dirname, 'push-throughput.js') },
+];
+const CHILD_TIMEOUT_MS = 150_000; // a child that runs longer than this is stopped and reported
+
+function cell(v, unit) {
+  if (typeof v === 'string') return v;
+  if (typeof v !== 'number' || Number.isNaN(v)) return 'n/a';
+  if (unit === 'x') return `${v.toFixed(2)}x`;
+  if (Math.abs(v) >= 1000) return Math.round(v).toLocaleString('en-US');
+  return v.toFixed(2);
+}
+
+function escapeMd(s) {
+  return String(s).replace(/\|/g, '\\|');
+}
+
+function main() {
+  const started = new Date();
+  const runs = [];
+  for (const b of BENCHMARKS) {
+    const command = commandFor(b.file);
+    console.log(`\n=== ${command} ===`);
+    const t0 = Date.now();
+    const r = spawnSync(process.execPath, [b.file], {
+      cwd: ROOT,
+      stdio: 'inherit',
+      timeout: CHILD_TIMEOUT_MS,
+      killSignal: 'SIGKILL',
+    });
+    const seconds = (Date.now() - t0) / 1000;
+    const file = path.join(RESULTS_DIR, `${b.name}.json`);
+    let result = null;
+    try {
+      result = JSON.parse(fs.readFileSync(file, 'utf8'));
+      // Only a result written by this run counts.
+      if (!result.date || new Date(result.date).getTime() < started.getTime() - 1000) result = null;
+    } catch {
+      result = null;
+    }
+    let status;
+    if (r.error && r.error.code === 'ETIMEDOUT') status = `stopped after ${CHILD_TIMEOUT_MS / 1000} s`;
+    else if (r.error) status = `could not run: ${r.error.message}`;
+    else if (r.signal) status = `killed by ${r.signal}`;
+    else if (r.status !== 0) status = `exit code ${r.status}`;
+    else status = 'ok';
+    if (!result && status === 'ok') status = 'no result file written';
+    runs.push({ ...b, command, seconds, status, result });
+    console.log(`=== ${b.name}: ${status} (${seconds.toFixed(1)} s) ===`);
+  }
+
+  const m = machineFacts();
+  const lines = [];
+  lines.push('# ultimate-streaming benchmark results');
+  lines.push('');
+  lines.push(`- Date: ${started.toISOString()}`);
+  lines.push(`- Machine: ${m.cpuCount} × ${m.cpuModel}, ${m.totalMemoryGiB} GiB RAM, ${m.platform}`);
+  lines.push(`- Node: ${m.node}`);
+  lines.push(`- Produced by: \`${commandFor(__filename)}\` (each row's own command is in the last column)`);
+  lines.push('- Every number is the median over the rounds of its script (3 by default); ratios compare modes measured in the same run.');
+  lines.push('');
+  lines.push('| Benchmark | Metric | Median | Unit | Command |');
+  lines.push('|---|---|---:|---|---|');
+  for (const run of runs) {
+    if (!run.result || !Array.isArray(run.result.summary)) {
+      lines.push(`| ${run.name} | (no result: ${escapeMd(run.status)}) | | | \`${run.command}\` |`);
+      continue;
+    }
+    for (const row of run.result.summary) {
+      lines.push(`| ${run.name} | ${escapeMd(row.metric)} | ${cell(row.value, row.unit)} | ${row.unit} | \`${run.result.command || run.command}\` |`);
+    }
+  }
+  lines.push('');
+  lines.push('| Benchmark | Status | Wall time (s) | Rounds skipped for time |');
+  lines.push('|---|---|---:|---|');
+  for (const run of runs) {
+    const skipped = run.result && run.result.skippedForTime && run.result.skippedForTime.length ? run.result.skippedForTime.join(', ') : '-';
+    lines.push(`| ${run.name} | ${escapeMd(run.status)} | ${fmt(run.seconds, 1)} | ${escapeMd(skipped)} |`);
+  }
+  const problems = runs.flatMap((run) => (run.result && run.result.problems ? run.result.problems.map((p) => `${run.name}: ${p}`) : []));
+  if (problems.length) {
+    lines.push('');
+    lines.push('## Problems reported by the scripts');
+    lines.push('');
+    for (const p of problems) lines.push(`- ${escapeMd(p)}`);
+  }
+  lines.push('');
+  lines.push('Per-round numbers and engine counters are in `benchmark/results/<name>.json`.');
+  lines.push('');
+
+  const md = lines.join('\n');
+  fs.mkdirSync(RESULTS_DIR, { recursive: true });
+  const out = path.join(RESULTS_DIR, 'summary.md');
+  fs.writeFileSync(out, md);
+  console.log(`\n${md}`);
+  console.log(`wrote ${path.relative(ROOT, out)}`);
+  if (runs.some((r) => r.status !== 'ok') || problems.length) process.exitCode = 1;
+}
+
+main();
