@@ -149,6 +149,7 @@ async function main() {
   const Database = loadBetterSqlite3();
   const command = commandFor(__filename, process.argv.slice(2));
   const startedAt = new Date();
+  const machine = machineFacts(); // taken before the load of this script
   console.log(`delivery: ${N} rows inserted by another connection in one transaction, ${ROUNDS} rounds, modes: ${MODES.map((m) => m.name).join(', ')}`);
 
   const rounds = [];
@@ -237,7 +238,7 @@ async function main() {
     command,
     date: startedAt.toISOString(),
     durationSec: Math.round((Date.now() - startedAt.getTime()) / 100) / 10,
-    machine: machineFacts(),
+    machine,
     config: { rows: N, rounds: ROUNDS, timeoutSec: TIMEOUT_MS / 1000, budgetSec: BUDGET_MS / 1000, modes: MODES },
     ok: problems.length === 0,
     problems,

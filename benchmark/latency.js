@@ -164,6 +164,7 @@ async function main() {
   const UltimateStreamer = await loadStreamer();
   const command = commandFor(__filename, process.argv.slice(2));
   const startedAt = new Date();
+  const machine = machineFacts(); // taken before the load of this script
   console.log(`latency: ${COUNT} measured pushes (+${WARMUP} warm-up) at ${RATE}/s, ${ROUNDS} rounds, stores: file, :memory:`);
 
   const rounds = [];
@@ -254,7 +255,7 @@ async function main() {
     command,
     date: startedAt.toISOString(),
     durationSec: Math.round((Date.now() - startedAt.getTime()) / 100) / 10,
-    machine: machineFacts(),
+    machine,
     config: { rate: RATE, count: COUNT, warmup: WARMUP, rounds: ROUNDS, batchSize: 1000, pacing: 'absolute schedule, setTimeout' },
     ok: problems.length === 0,
     problems,

@@ -191,6 +191,7 @@ async function main() {
   const Database = loadBetterSqlite3();
   const command = commandFor(__filename, process.argv.slice(2));
   const startedAt = new Date();
+  const machine = machineFacts(); // taken before the load of this script
   console.log(
     `push-throughput: ${TOTAL} upserts (or ${MAX_MS / 1000} s) by ${PUSHERS} concurrent pushers over ${KEYS} keys,` +
       ` +${WARMUP} warm-up, ${ROUNDS} rounds, SQLite files (WAL, synchronous=NORMAL)`,
@@ -288,7 +289,7 @@ async function main() {
     command,
     date: startedAt.toISOString(),
     durationSec: Math.round((Date.now() - startedAt.getTime()) / 100) / 10,
-    machine: machineFacts(),
+    machine,
     config: { total: TOTAL, pushers: PUSHERS, keys: KEYS, warmup: WARMUP, rounds: ROUNDS, maxSec: MAX_MS / 1000, budgetSec: BUDGET_MS / 1000, modes: MODES },
     ok: problems.length === 0,
     problems,

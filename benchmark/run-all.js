@@ -30,6 +30,7 @@ function escapeMd(s) {
 
 function main() {
   const started = new Date();
+  const loadAtStart = machineFacts().loadAverage1m;
   const runs = [];
   for (const b of BENCHMARKS) {
     const command = commandFor(b.file);
@@ -63,12 +64,17 @@ function main() {
   }
 
   const m = machineFacts();
+  m.loadAverage1m = loadAtStart;
   const lines = [];
   lines.push('# ultimate-streaming benchmark results');
   lines.push('');
   lines.push(`- Date: ${started.toISOString()}`);
   lines.push(`- Machine: ${m.cpuCount} × ${m.cpuModel}, ${m.totalMemoryGiB} GiB RAM, ${m.platform}`);
   lines.push(`- Node: ${m.node}`);
+  lines.push(
+    `- 1-minute load average (other work on the machine skews the numbers) before the suite: ${m.loadAverage1m}; at the start of each script: ` +
+      runs.map((r) => `${r.name} ${r.result && r.result.machine ? r.result.machine.loadAverage1m : 'n/a'}`).join(', '),
+  );
   lines.push(`- Produced by: \`${commandFor(__filename)}\` (each row's own command is in the last column)`);
   lines.push('- Every number is the median over the rounds of its script (3 by default); ratios compare modes measured in the same run.');
   lines.push('');

@@ -110,6 +110,9 @@ pub fn open(cfg: &SqliteConfig) -> Result<Connection> {
     Ok(conn)
 }
 
+/// One change-log row: seq, key, value, version, op, commit time (µs).
+type LogRow = (i64, String, Option<String>, i64, String, i64);
+
 /// Everything the store thread needs.
 pub struct StoreThread {
     pub cfg: SqliteConfig,
@@ -473,7 +476,7 @@ impl Store {
         self.blocked = false;
         let limit = room.min(TAIL_CHUNK);
         let t = &self.t;
-        let rows: Result<Vec<(i64, String, Option<String>, i64, String, i64)>> = (|| {
+        let rows: Result<Vec<LogRow>> = (|| {
             let mut stmt = self.conn.prepare_cached(&format!(
                 "SELECT seq, k, v, version, op, ts FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"
             ))?;

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Prepares a fresh machine: Debian build tools if missing, npm dependencies, the Rust build.
+# Idempotent: steps that are already done are skipped quickly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v g++ >/dev/null || missing+=(g++)
+command -v make >/dev/null || missing+=(make)
+command -v python3 >/dev/null || missing+=(python3)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update
+  apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+command -v cargo >/dev/null || { echo "setup: Rust (cargo) is required: https://rustup.rs" >&2; exit 1; }
+command -v node >/dev/null || { echo "setup: Node.js >= 18 is required" >&2; exit 1; }
+
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "setup: npm ci"
+  npm ci --no-audit --no-fund
+fi
+
+echo "setup: building the native engine (release)"
+npx napi build --platform --release --output-dir native --js index.js --dts index.d.ts
