@@ -252,6 +252,9 @@ class UltimateStreamer extends EventEmitter {
   }
 
   #onEvents(json, dispatchedAt) {
+    const names = ['change', 'insert', 'update', 'delete', 'batch', 'resync'];
+    // Nobody listens: skip decoding, unless the batch may hold a resync (never silent).
+    if (names.every((n) => this.listenerCount(n) === 0) && !json.includes('"type":"resync"')) return;
     let events;
     try {
       events = JSON.parse(json);
@@ -268,7 +271,9 @@ class UltimateStreamer extends EventEmitter {
     const perEvent = change.length + typed.insert.length + typed.update.length + typed.delete.length > 0;
     for (const e of events) {
       if (e.type === 'resync') {
-        this.#emitSafe(this.rawListeners('resync'), 'resync', e);
+        const ls = this.rawListeners('resync');
+        if (ls.length) this.#emitSafe(ls, 'resync', e);
+        else process.emitWarning(`ultimate-streaming resync: ${e.reason}`, { code: 'USP_RESYNC' });
         continue;
       }
       e.latency = dispatchedAt - e.timestamp;

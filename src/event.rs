@@ -1,6 +1,7 @@
 //! What flows through the engine: changes captured from a store, control events, and the
 //! positions (checkpoints) that say where in a source's log a change came from.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 /// Position in the embedded SQLite change log (its `seq` column).
@@ -115,13 +116,14 @@ pub fn encode_batch(events: &[Event]) -> String {
                 push_json_string(&mut out, &c.key);
                 out.push_str(",\"data\":");
                 out.push_str(c.data.as_deref().unwrap_or("null"));
-                out.push_str(&format!(
+                let _ = write!(
+                    out,
                     ",\"version\":{},\"seq\":{},\"source\":\"{}\",\"timestamp\":{}}}",
                     c.version,
                     c.seq,
                     c.source,
                     c.commit_ts_us as f64 / 1000.0
-                ));
+                );
             }
             Event::Resync {
                 source,
@@ -133,7 +135,7 @@ pub fn encode_batch(events: &[Event]) -> String {
                 out.push_str(source);
                 out.push_str("\",\"reason\":");
                 push_json_string(&mut out, reason);
-                out.push_str(&format!(",\"from\":{from},\"to\":{to}}}"));
+                let _ = write!(out, ",\"from\":{from},\"to\":{to}}}");
             }
         }
     }

@@ -3,6 +3,7 @@
 //! in-flight slots are taken and leave together (up to `batch_size`); under sustained load
 //! (the previous batch was full) a batch may also linger up to `batch_timeout` to fill up.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
@@ -15,7 +16,8 @@ use crate::sink::{BatchSink, Gate};
 /// What the capture side feeds the batcher.
 #[derive(Debug)]
 pub enum Feed {
-    Event(Event),
+    /// Events in source order (one ingest call's worth: one channel operation, not one per event).
+    Events(Vec<Event>),
     /// No more events: flush, wait for the sink to finish, then stop.
     Stop,
 }
@@ -40,14 +42,14 @@ pub fn run(
 ) -> Arc<Gate> {
     let gate = Gate::new(opts.max_in_flight);
     let size = opts.batch_size.max(1);
-    let mut pending: Vec<Event> = Vec::new();
+    let mut pending: VecDeque<Event> = VecDeque::new();
     let mut stopping = false;
     let mut last_full = false;
 
-    let drain = |pending: &mut Vec<Event>, stopping: &mut bool| {
+    let drain = |pending: &mut VecDeque<Event>, stopping: &mut bool| {
         while pending.len() < size && !*stopping {
             match rx.try_recv() {
-                Ok(Feed::Event(e)) => pending.push(e),
+                Ok(Feed::Events(v)) => pending.extend(v),
                 Ok(Feed::Stop) | Err(TryRecvError::Disconnected) => *stopping = true,
                 Err(TryRecvError::Empty) => break,
             }
@@ -57,7 +59,7 @@ pub fn run(
     loop {
         if pending.is_empty() && !stopping {
             match rx.recv() {
-                Ok(Feed::Event(e)) => pending.push(e),
+                Ok(Feed::Events(v)) => pending.extend(v),
                 Ok(Feed::Stop) | Err(_) => stopping = true,
             }
         }
@@ -70,7 +72,7 @@ pub fn run(
                     break;
                 }
                 match rx.recv_timeout(left) {
-                    Ok(Feed::Event(e)) => pending.push(e),
+                    Ok(Feed::Events(v)) => pending.extend(v),
                     Ok(Feed::Stop) | Err(RecvTimeoutError::Disconnected) => {
                         stopping = true;
                         break;
@@ -88,9 +90,10 @@ pub fn run(
         let ack = gate.acquire();
         // Whatever arrived while the consumer was busy joins this batch.
         drain(&mut pending, &mut stopping);
-        let batch: Vec<Event> = std::mem::take(&mut pending);
-        last_full = batch.len() >= size;
-        metrics.dispatch_queue_depth.fetch_sub(batch.len(), Relaxed);
+        let n = pending.len().min(size);
+        let batch: Vec<Event> = pending.drain(..n).collect();
+        last_full = n >= size;
+        metrics.dispatch_queue_depth.fetch_sub(n, Relaxed);
         metrics.in_flight_batches.store(gate.in_flight(), Relaxed);
         if !sink.deliver(batch, ack) {
             break;
@@ -134,7 +137,7 @@ mod tests {
     }
 
     fn ev(seq: u64) -> Feed {
-        Feed::Event(Event::Change(Arc::new(Change {
+        Feed::Events(vec![Event::Change(Arc::new(Change {
             kind: ChangeKind::Insert,
             key: "k".into(),
             data: None,
@@ -143,7 +146,7 @@ mod tests {
             position: Position::ChangeLog(ChangeLogSeq(seq)),
             source: "t",
             commit_ts_us: 0,
-        })))
+        }))])
     }
 
     fn opts(size: usize, in_flight: usize) -> BatchOptions {
@@ -241,6 +244,24 @@ mod tests {
         h.join().unwrap();
         let flat: Vec<u64> = sink.batches.lock().unwrap().concat();
         assert_eq!(flat, (1..=50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_large_feed_is_split_at_batch_size() {
+        let sink = Arc::new(Recorder::default());
+        let (tx, h) = spawn(sink.clone(), opts(4, 2));
+        let events: Vec<Event> = (1..=10)
+            .map(|s| match ev(s) {
+                Feed::Events(mut v) => v.remove(0),
+                Feed::Stop => unreachable!(),
+            })
+            .collect();
+        tx.send(Feed::Events(events)).unwrap();
+        tx.send(Feed::Stop).unwrap();
+        h.join().unwrap();
+        let batches = sink.batches.lock().unwrap().clone();
+        assert!(batches.iter().all(|b| b.len() <= 4), "{batches:?}");
+        assert_eq!(batches.concat(), (1..=10).collect::<Vec<_>>());
     }
 
     #[test]

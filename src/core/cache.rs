@@ -79,6 +79,23 @@ impl Cache {
         )
     }
 
+    /// The cached version of `key`, without counting a hit or miss.
+    pub fn peek_version(&self, key: &str) -> Option<u64> {
+        self.inner.get(key).map(|e| e.version)
+    }
+
+    /// Updates `key` only if it is cached with an older version. Called by the single thread
+    /// that writes the cache, so the check and the insert cannot interleave with another write.
+    pub fn refresh(&self, key: &Arc<str>, entry: CacheEntry) -> bool {
+        match self.inner.get(key) {
+            Some(cur) if cur.version < entry.version => {
+                self.inner.insert(key.clone(), entry);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn stats(&self) -> CacheStats {
         self.inner.run_pending_tasks();
         let hits = self.hits.load(Relaxed);
@@ -125,6 +142,18 @@ mod tests {
             }
         ));
         assert_eq!(c.get("k").unwrap().value, None);
+    }
+
+    #[test]
+    fn refresh_updates_cached_keys_only() {
+        let c = Cache::new(1 << 20, 0);
+        assert!(!c.refresh(&"absent".into(), e(1, "x")));
+        assert_eq!(c.get("absent"), None);
+        c.offer("k".into(), e(1, "one"));
+        assert!(c.refresh(&"k".into(), e(2, "two")));
+        assert!(!c.refresh(&"k".into(), e(2, "again")));
+        assert!(!c.refresh(&"k".into(), e(1, "old")));
+        assert_eq!(c.get("k"), Some(e(2, "two")));
     }
 
     #[test]

@@ -75,9 +75,10 @@ impl Core {
             return 0;
         }
         if let Some(cache) = &self.cache {
+            // Keep cached keys current; keys nobody read are not pulled into the cache.
             for c in &admitted {
-                cache.offer(
-                    c.key.clone(),
+                cache.refresh(
+                    &c.key,
                     CacheEntry {
                         version: c.version,
                         value: c.data.clone(),
@@ -92,18 +93,21 @@ impl Core {
             }
         }
         self.metrics.events_captured.fetch_add(n as u64, Relaxed);
-        for c in admitted {
-            self.send(Event::Change(c));
-        }
+        self.send_all(admitted.into_iter().map(Event::Change).collect());
         n
+    }
+
+    fn send_all(&self, events: Vec<Event>) {
+        let n = events.len();
+        self.metrics.dispatch_queue_depth.fetch_add(n, Relaxed);
+        if self.out.send(Feed::Events(events)).is_err() {
+            self.metrics.dispatch_queue_depth.fetch_sub(n, Relaxed);
+        }
     }
 
     /// Queues a control event (resync) for delivery.
     pub fn send(&self, e: Event) {
-        self.metrics.dispatch_queue_depth.fetch_add(1, Relaxed);
-        if self.out.send(Feed::Event(e)).is_err() {
-            self.metrics.dispatch_queue_depth.fetch_sub(1, Relaxed);
-        }
+        self.send_all(vec![e]);
     }
 
     /// Tells the batcher no more events will come.

@@ -157,7 +157,8 @@ impl StoreThread {
             connected,
             close_id,
         } = self;
-        let opened = open(&cfg).and_then(|conn| Store::new(conn, &cfg, core.clone(), completions.clone()));
+        let opened =
+            open(&cfg).and_then(|conn| Store::new(conn, &cfg, core.clone(), completions.clone()));
         let mut store = match opened {
             Ok(s) => s,
             Err(e) => {
@@ -167,7 +168,10 @@ impl StoreThread {
                 drop(rx);
                 core.metrics.record_error(&e);
                 core.stop();
-                completions.complete(vec![Completion::Failed { id: init_id, error: e }]);
+                completions.complete(vec![Completion::Failed {
+                    id: init_id,
+                    error: e,
+                }]);
                 return;
             }
         };
@@ -291,7 +295,7 @@ impl Store {
             .iter()
             .any(|o| matches!(o, Op::Put { .. } | Op::Delete { .. }));
         let mut done: Vec<Completion> = Vec::with_capacity(ops.len());
-        let mut written: Vec<(Arc<str>, CacheEntry)> = Vec::new();
+        let mut written: Vec<(Arc<str>, u64, Option<String>)> = Vec::new();
         let mut reads: Vec<(Arc<str>, CacheEntry)> = Vec::new();
         let mut shutdown = None;
 
@@ -335,13 +339,7 @@ impl Store {
                                 id,
                                 version: v as u64,
                             });
-                            written.push((
-                                key,
-                                CacheEntry {
-                                    version: v as u64,
-                                    value: Some(json.into()),
-                                },
-                            ));
+                            written.push((key, v as u64, Some(json)));
                         }
                         Err(e) => done.push(Completion::Failed {
                             id,
@@ -361,13 +359,7 @@ impl Store {
                         Ok(Some(v)) => {
                             n_writes += 1;
                             done.push(Completion::Deleted { id, existed: true });
-                            written.push((
-                                key,
-                                CacheEntry {
-                                    version: v as u64,
-                                    value: None,
-                                },
-                            ));
+                            written.push((key, v as u64, None));
                         }
                         Ok(None) => done.push(Completion::Deleted { id, existed: false }),
                         Err(e) => done.push(Completion::Failed {
@@ -411,10 +403,19 @@ impl Store {
                 self.dirty = true;
             }
         }
-        // Read-your-writes: the cache learns our own commits before their change is tailed.
+        // Read-your-writes: cached keys learn our own commits before their change is tailed.
         if let Some(cache) = &self.core.cache {
-            for (k, e) in written {
-                cache.offer(k, e);
+            for (k, version, value) in written {
+                // Copy the value only for keys that are cached.
+                if cache.peek_version(&k).is_some_and(|v| v < version) {
+                    cache.refresh(
+                        &k,
+                        CacheEntry {
+                            version,
+                            value: value.map(Into::into),
+                        },
+                    );
+                }
             }
         }
         for (k, e) in reads {
