@@ -26,6 +26,8 @@ pub enum Op {
     Shutdown {
         id: u32,
     },
+    /// No work: wakes the store thread (a delivery slot freed up while events wait).
+    Wake,
 }
 
 /// The outcome of one operation.

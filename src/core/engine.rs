@@ -3,12 +3,12 @@
 //! blocks on the database.
 
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::batcher::{self, BatchOptions};
+use super::batcher::BatchOptions;
 use super::cache::Cache;
 use super::Core;
 use crate::config::{Backend, Config};
@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::sink::BatchSink;
 use crate::source::sqlite::StoreThread;
-use crate::store::{Completion, CompletionSink, Op};
+use crate::store::{CompletionSink, Op};
 
 enum State {
     Created,
@@ -113,7 +113,6 @@ impl Engine {
         let Backend::Sqlite(sqlite) = &cfg.backend else {
             return Err(Error::Internal("unsupported backend reached init".into()));
         };
-        let (feed_tx, feed_rx) = sync_channel(cfg.queue_size + 16);
         let cache = cfg
             .enable_cache
             .then(|| Cache::new(cfg.cache_max_bytes, cfg.cache_ttl_ms));
@@ -122,33 +121,11 @@ impl Engine {
             cfg.history_size,
             cfg.dedupe_capacity,
             self.metrics.clone(),
-            feed_tx,
             cfg.queue_size,
         ));
         let (ops_tx, ops_rx) = sync_channel(cfg.write_queue_size);
         let ready = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
-        let close_id = Arc::new(AtomicU64::new(u64::MAX));
-
-        let opts = BatchOptions {
-            batch_size: cfg.batch_size,
-            batch_timeout: Duration::from_millis(cfg.batch_timeout_ms),
-            max_in_flight: cfg.max_in_flight_batches,
-            drain_timeout: Duration::from_secs(5),
-        };
-        let metrics = self.metrics.clone();
-        let done = completions.clone();
-        let close_for_batcher = close_id.clone();
-        std::thread::Builder::new()
-            .name("usp-deliver".into())
-            .spawn(move || {
-                batcher::run(feed_rx, events, opts, metrics);
-                let id = close_for_batcher.load(Relaxed);
-                if id != u64::MAX {
-                    done.complete(vec![Completion::Closed { id: id as u32 }]);
-                }
-            })
-            .map_err(|e| Error::Internal(format!("cannot start the delivery thread: {e}")))?;
         let store = StoreThread {
             cfg: sqlite.clone(),
             write_batch_size: cfg.write_batch_size,
@@ -158,17 +135,25 @@ impl Engine {
             init_id: id,
             ready: ready.clone(),
             connected: connected.clone(),
-            close_id,
+            sink: events,
+            batch: BatchOptions {
+                batch_size: cfg.batch_size,
+                batch_timeout: Duration::from_millis(cfg.batch_timeout_ms),
+                max_in_flight: cfg.max_in_flight_batches,
+            },
+            wake: ops_tx.clone(),
         };
-        if let Err(e) = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("usp-sqlite".into())
-            .spawn(move || store.run())
-        {
-            core.stop();
-            return Err(Error::Internal(format!(
-                "cannot start the store thread: {e}"
-            )));
-        }
+            .spawn(move || {
+                // A panic would leave promises unsettled; it is a bug, but never a crash.
+                if let Err(p) =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.run()))
+                {
+                    tracing::error!("store thread panicked: {p:?}");
+                }
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the store thread: {e}")))?;
         *st = State::Running(Running {
             core,
             ops: ops_tx,

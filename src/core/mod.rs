@@ -8,12 +8,10 @@ pub mod history;
 pub mod order;
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
 use crate::event::{Change, Event};
 use crate::metrics::Metrics;
-use batcher::Feed;
 use cache::{Cache, CacheEntry};
 use history::History;
 use order::{Admission, Sequencer};
@@ -25,7 +23,6 @@ pub struct Core {
     pub cache: Option<Cache>,
     history: Mutex<History>,
     pub metrics: Arc<Metrics>,
-    out: SyncSender<Feed>,
     queue_size: usize,
 }
 
@@ -35,7 +32,6 @@ impl Core {
         history_size: usize,
         dedupe_capacity: usize,
         metrics: Arc<Metrics>,
-        out: SyncSender<Feed>,
         queue_size: usize,
     ) -> Core {
         Core {
@@ -43,7 +39,6 @@ impl Core {
             cache,
             history: Mutex::new(History::new(history_size)),
             metrics,
-            out,
             queue_size,
         }
     }
@@ -55,9 +50,9 @@ impl Core {
             .saturating_sub(self.metrics.dispatch_queue_depth.load(Relaxed))
     }
 
-    /// Admits new changes (in source order), updates the cache and history, and queues them for
-    /// delivery. Returns how many were admitted.
-    pub fn ingest(&self, changes: Vec<Change>) -> usize {
+    /// Admits new changes (in source order), updates the cache and history, and returns the
+    /// events to deliver.
+    pub fn ingest(&self, changes: Vec<Change>) -> Vec<Event> {
         let mut admitted = Vec::with_capacity(changes.len());
         {
             let mut seq = self.sequencer.lock().unwrap_or_else(|p| p.into_inner());
@@ -72,7 +67,7 @@ impl Core {
         }
         let n = admitted.len();
         if n == 0 {
-            return 0;
+            return Vec::new();
         }
         if let Some(cache) = &self.cache {
             // Keep cached keys current; keys nobody read are not pulled into the cache.
@@ -93,26 +88,7 @@ impl Core {
             }
         }
         self.metrics.events_captured.fetch_add(n as u64, Relaxed);
-        self.send_all(admitted.into_iter().map(Event::Change).collect());
-        n
-    }
-
-    fn send_all(&self, events: Vec<Event>) {
-        let n = events.len();
-        self.metrics.dispatch_queue_depth.fetch_add(n, Relaxed);
-        if self.out.send(Feed::Events(events)).is_err() {
-            self.metrics.dispatch_queue_depth.fetch_sub(n, Relaxed);
-        }
-    }
-
-    /// Queues a control event (resync) for delivery.
-    pub fn send(&self, e: Event) {
-        self.send_all(vec![e]);
-    }
-
-    /// Tells the batcher no more events will come.
-    pub fn stop(&self) {
-        let _ = self.out.send(Feed::Stop);
+        admitted.into_iter().map(Event::Change).collect()
     }
 
     /// Fills the cache after a store read, unless a newer change of the key was already seen.

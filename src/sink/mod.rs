@@ -1,6 +1,7 @@
 //! Sinks deliver batches of events somewhere (JavaScript listeners now, the WebSocket hub later).
 //! A sink never talks to a database.
 
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,12 +14,27 @@ pub trait BatchSink: Send + Sync + 'static {
     fn deliver(&self, events: Vec<Event>, ack: Ack) -> bool;
 }
 
-/// Counts batches in flight and lets the batcher wait for room.
-#[derive(Debug)]
+/// Called when a slot frees up while events are waiting for one.
+pub type Waker = Box<dyn Fn() + Send + Sync>;
+
+/// Counts batches in flight and wakes the producer when a slot frees up while it has events
+/// waiting.
 pub struct Gate {
     in_flight: Mutex<usize>,
     cv: Condvar,
     max: usize,
+    /// Events the producer holds back for lack of a slot (kept in sync by the batcher).
+    pub waiting: AtomicUsize,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("in_flight", &self.in_flight())
+            .field("max", &self.max)
+            .finish()
+    }
 }
 
 impl Gate {
@@ -27,17 +43,43 @@ impl Gate {
             in_flight: Mutex::new(0),
             cv: Condvar::new(),
             max: max.max(1),
+            waiting: AtomicUsize::new(0),
+            waker: Mutex::new(None),
         })
     }
 
-    /// Waits until a batch may be sent, then takes the slot.
-    pub fn acquire(self: &Arc<Self>) -> Ack {
+    /// Installs the function that wakes the producer.
+    pub fn set_waker(&self, w: Waker) {
+        *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+    }
+
+    /// Takes a slot if one is free.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Ack> {
         let mut n = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        while *n >= self.max {
-            n = self.cv.wait(n).unwrap_or_else(|p| p.into_inner());
+        if *n >= self.max {
+            return None;
         }
         *n += 1;
-        Ack(Some(self.clone()))
+        Some(Ack(Some(self.clone())))
+    }
+
+    /// Waits up to `timeout` for a slot.
+    pub fn acquire_timeout(self: &Arc<Self>, timeout: Duration) -> Option<Ack> {
+        let deadline = Instant::now() + timeout;
+        let mut n = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= self.max {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            n = self
+                .cv
+                .wait_timeout(n, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *n += 1;
+        Some(Ack(Some(self.clone())))
     }
 
     /// Batches currently in flight.
@@ -62,6 +104,26 @@ impl Gate {
         }
         true
     }
+
+    fn release(&self) {
+        {
+            let mut n = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            *n = n.saturating_sub(1);
+            self.cv.notify_all();
+        }
+        // SeqCst pairs with the batcher's store of `waiting` before its try_acquire: either it
+        // got this slot, or we see its waiting events and wake it.
+        if self.waiting.load(SeqCst) > 0 {
+            if let Some(w) = self
+                .waker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                w();
+            }
+        }
+    }
 }
 
 /// Releases one in-flight slot when dropped.
@@ -78,9 +140,7 @@ impl Ack {
 impl Drop for Ack {
     fn drop(&mut self) {
         if let Some(g) = self.0.take() {
-            let mut n = g.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            *n = n.saturating_sub(1);
-            g.cv.notify_all();
+            g.release();
         }
     }
 }

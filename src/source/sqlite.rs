@@ -4,16 +4,18 @@
 //! core. Other processes' commits are noticed through `PRAGMA data_version`.
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{validate_identifier, SqliteConfig, Synchronous};
+use crate::core::batcher::{BatchOptions, Batcher};
 use crate::core::cache::CacheEntry;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::event::{is_valid_json, now_us, Change, ChangeKind, ChangeLogSeq, Event, Position};
+use crate::sink::BatchSink;
 use crate::store::{Completion, CompletionSink, Op};
 
 /// Rows read from the change log per query at most.
@@ -123,8 +125,11 @@ pub struct StoreThread {
     pub init_id: u32,
     pub ready: Arc<AtomicBool>,
     pub connected: Arc<AtomicBool>,
-    /// Set to the id of the `close()` call to settle once delivery has drained.
-    pub close_id: Arc<AtomicU64>,
+    /// Where captured events go, and how they are batched.
+    pub sink: Arc<dyn BatchSink>,
+    pub batch: BatchOptions,
+    /// A sender to this thread's own queue, for the delivery waker.
+    pub wake: SyncSender<Op>,
 }
 
 struct Store {
@@ -138,6 +143,9 @@ struct Store {
     dirty: bool,
     /// The delivery queue was full at the last tail.
     blocked: bool,
+    batcher: Batcher,
+    /// When a lingering batch is due.
+    linger: Option<Duration>,
     retention: u64,
     last_prune: Instant,
 }
@@ -155,10 +163,17 @@ impl StoreThread {
             init_id,
             ready,
             connected,
-            close_id,
+            sink,
+            batch,
+            wake,
         } = self;
-        let opened =
-            open(&cfg).and_then(|conn| Store::new(conn, &cfg, core.clone(), completions.clone()));
+        let waker: crate::sink::Waker = Box::new(move || {
+            // A full queue already holds work that will wake the thread.
+            let _ = wake.try_send(Op::Wake);
+        });
+        let batcher = Batcher::new(sink, batch, core.metrics.clone(), Some(waker));
+        let opened = open(&cfg)
+            .and_then(|conn| Store::new(conn, &cfg, core.clone(), completions.clone(), batcher));
         let mut store = match opened {
             Ok(s) => s,
             Err(e) => {
@@ -167,7 +182,6 @@ impl StoreThread {
                 // close() that follows the failed init() finds a stopped engine.
                 drop(rx);
                 core.metrics.record_error(&e);
-                core.stop();
                 completions.complete(vec![Completion::Failed {
                     id: init_id,
                     error: e,
@@ -183,18 +197,23 @@ impl StoreThread {
         let tail_interval = Duration::from_millis(cfg.tail_interval_ms);
         let mut shutdown: Option<u32> = None;
         while shutdown.is_none() {
-            let first = if store.dirty && !store.blocked {
+            let mut wait = if store.dirty && !store.blocked {
+                Duration::ZERO
+            } else if store.blocked {
+                Duration::from_millis(1)
+            } else {
+                tail_interval
+            };
+            if let Some(l) = store.linger {
+                wait = wait.min(l);
+            }
+            let first = if wait.is_zero() {
                 match rx.try_recv() {
                     Ok(op) => Some(op),
                     Err(TryRecvError::Empty) => None,
                     Err(TryRecvError::Disconnected) => break,
                 }
             } else {
-                let wait = if store.blocked {
-                    Duration::from_millis(1)
-                } else {
-                    tail_interval
-                };
                 match rx.recv_timeout(wait) {
                     Ok(op) => Some(op),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -209,10 +228,13 @@ impl StoreThread {
                         Err(_) => break,
                     }
                 }
+                ops.retain(|o| !matches!(o, Op::Wake));
                 core.metrics.write_queue_depth.fetch_sub(ops.len(), Relaxed);
-                shutdown = store.execute(ops);
+                if !ops.is_empty() {
+                    shutdown = store.execute(ops);
+                }
             }
-            store.tail();
+            store.capture();
             store.maybe_prune();
         }
         // Deliver everything committed before the close, within reason.
@@ -221,27 +243,29 @@ impl StoreThread {
         while (store.dirty || store.blocked) && t0.elapsed() < Duration::from_secs(5) {
             store.tail();
             if store.blocked {
-                std::thread::sleep(Duration::from_millis(1));
+                store.batcher.drain(Duration::from_secs(1));
             }
         }
+        store.batcher.drain(Duration::from_secs(5));
         // Anything queued after the close is refused, never left hanging.
         let mut refused = Vec::new();
         while let Ok(op) = rx.try_recv() {
-            core.metrics.write_queue_depth.fetch_sub(1, Relaxed);
             if let Some(id) = op_id(&op) {
+                core.metrics.write_queue_depth.fetch_sub(1, Relaxed);
                 refused.push(Completion::Failed {
                     id,
                     error: Error::Closed("an operation queued"),
                 });
             }
         }
+        drop(rx);
+        connected.store(false, Relaxed);
+        if let Some(id) = shutdown {
+            refused.push(Completion::Closed { id });
+        }
         if !refused.is_empty() {
             completions.complete(refused);
         }
-        connected.store(false, Relaxed);
-        close_id.store(shutdown.map_or(u64::MAX, u64::from), Relaxed);
-        drop(rx);
-        core.stop();
         tracing::info!("sqlite store stopped");
     }
 }
@@ -251,6 +275,7 @@ fn op_id(op: &Op) -> Option<u32> {
         Op::Put { id, .. } | Op::Delete { id, .. } | Op::Get { id, .. } | Op::Shutdown { id } => {
             Some(*id)
         }
+        Op::Wake => None,
     }
 }
 
@@ -260,6 +285,7 @@ impl Store {
         cfg: &SqliteConfig,
         core: Arc<Core>,
         completions: Arc<dyn CompletionSink>,
+        batcher: Batcher,
     ) -> Result<Store> {
         let t = cfg.table.clone();
         // Start at the newest change: a streamer delivers what is committed after `init()`.
@@ -282,6 +308,8 @@ impl Store {
             data_version,
             dirty: false,
             blocked: false,
+            batcher,
+            linger: None,
             retention: cfg.change_log_retention,
             last_prune: Instant::now(),
         })
@@ -380,6 +408,7 @@ impl Store {
                     Err(e) => done.push(Completion::Failed { id, error: e }),
                 },
                 Op::Shutdown { id } => shutdown = Some(id),
+                Op::Wake => {}
             }
         }
         if has_writes {
@@ -424,7 +453,7 @@ impl Store {
         if !done.is_empty() {
             // Capture first, then settle: the change reaches listeners one hop sooner.
             if self.dirty {
-                self.tail();
+                self.capture();
             }
             self.completions.complete(done);
         }
@@ -513,14 +542,17 @@ impl Store {
                 "change log was pruned past this reader's position: resync"
             );
             self.core.metrics.resyncs.fetch_add(1, Relaxed);
-            self.core.send(Event::Resync {
+            self.batcher.push(
+                vec![Event::Resync {
                 source: "sqlite",
                 reason: format!(
                     "change-log entries {from}..={to} were pruned before this streamer read them (raise sqlite.changeLogRetention); continuing from the current state"
                 ),
                 from,
                 to,
-            });
+            }],
+                Instant::now(),
+            );
         }
         let changes: Vec<Change> = rows
             .into_iter()
@@ -551,7 +583,14 @@ impl Store {
             .metrics
             .source_position
             .store(self.last_seq as i64, Relaxed);
-        self.core.ingest(changes);
+        let events = self.core.ingest(changes);
+        self.batcher.push(events, Instant::now());
+    }
+
+    /// Reads new changes and hands what may go to the sink.
+    fn capture(&mut self) {
+        self.tail();
+        self.linger = self.batcher.flush(Instant::now());
     }
 
     /// Keeps the change log at `retention` rows (never past our own read position).
