@@ -116,13 +116,17 @@ pub fn encode_batch(events: &[Event]) -> String {
                 push_json_string(&mut out, &c.key);
                 out.push_str(",\"data\":");
                 out.push_str(c.data.as_deref().unwrap_or("null"));
+                // Milliseconds with three decimals, written as integers (cheaper than f64 display).
+                // `latency` is filled in by JavaScript at hand-off; declaring it here keeps every
+                // event object the same shape.
                 let _ = write!(
                     out,
-                    ",\"version\":{},\"seq\":{},\"source\":\"{}\",\"timestamp\":{}}}",
+                    ",\"version\":{},\"seq\":{},\"source\":\"{}\",\"timestamp\":{}.{:03},\"latency\":0}}",
                     c.version,
                     c.seq,
                     c.source,
-                    c.commit_ts_us as f64 / 1000.0
+                    c.commit_ts_us.div_euclid(1000),
+                    c.commit_ts_us.rem_euclid(1000)
                 );
             }
             Event::Resync {
@@ -145,6 +149,13 @@ pub fn encode_batch(events: &[Event]) -> String {
 
 /// Appends `s` as a JSON string literal.
 pub fn push_json_string(out: &mut String, s: &str) {
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        // Nothing to escape (the common case for keys): copy as is.
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     // serde_json's escaping is correct for every code point; writing into a String cannot fail.
     out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string()));
 }
@@ -188,11 +199,29 @@ mod tests {
         assert_eq!(v[0]["data"]["x"][1], 2);
         assert_eq!(v[0]["type"], "update");
         assert_eq!(v[0]["timestamp"].as_f64().unwrap(), 1_700_000_000_123.456);
+        assert_eq!(v[0]["latency"], 0);
         assert_eq!(v[1]["data"], serde_json::Value::Null);
         assert_eq!(v[1]["type"], "delete");
         assert_eq!(v[2]["type"], "resync");
         assert_eq!(v[2]["to"], 5);
         assert_eq!(encode_batch(&[]), "[]");
+    }
+
+    #[test]
+    fn json_strings_are_escaped_only_when_needed() {
+        for k in [
+            "plain:key",
+            "é😀",
+            "quote\"",
+            "back\\slash",
+            "nl\n",
+            "\u{1}",
+            "",
+        ] {
+            let mut out = String::new();
+            push_json_string(&mut out, k);
+            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), k);
+        }
     }
 
     #[test]

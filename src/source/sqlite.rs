@@ -112,8 +112,8 @@ pub fn open(cfg: &SqliteConfig) -> Result<Connection> {
     Ok(conn)
 }
 
-/// One change-log row: seq, key, value, version, op, commit time (µs).
-type LogRow = (i64, String, Option<String>, i64, String, i64);
+/// One change-log row: seq, key, value (JSON), version, kind, commit time (µs).
+type LogRow = (i64, Arc<str>, Option<Arc<str>>, i64, ChangeKind, i64);
 
 /// Everything the store thread needs.
 pub struct StoreThread {
@@ -478,7 +478,7 @@ impl Store {
             value: if deleted != 0 {
                 None
             } else {
-                v.map(|s| as_json(s, key))
+                v.map(|s| as_json(&s, key))
             },
         }))
     }
@@ -512,14 +512,18 @@ impl Store {
             ))?;
             let rows = stmt
                 .query_map(params![self.last_seq as i64, limit as i64], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                    ))
+                    // Borrow the text columns: one allocation per value, straight into its Arc.
+                    let key: Arc<str> = Arc::from(r.get_ref(1)?.as_str()?);
+                    let kind = match r.get_ref(4)?.as_str()? {
+                        "insert" => ChangeKind::Insert,
+                        "delete" => ChangeKind::Delete,
+                        _ => ChangeKind::Update,
+                    };
+                    let data = match (kind, r.get_ref(2)?.as_str_or_null()?) {
+                        (ChangeKind::Delete, _) | (_, None) => None,
+                        (_, Some(v)) => Some(as_json(v, &key)),
+                    };
+                    Ok((r.get(0)?, key, data, r.get(3)?, kind, r.get(5)?))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
@@ -556,21 +560,12 @@ impl Store {
         }
         let changes: Vec<Change> = rows
             .into_iter()
-            .map(|(seq, k, v, version, op, ts)| {
+            .map(|(seq, key, data, version, kind, ts)| {
                 self.last_seq = seq as u64;
-                let kind = match op.as_str() {
-                    "insert" => ChangeKind::Insert,
-                    "delete" => ChangeKind::Delete,
-                    _ => ChangeKind::Update,
-                };
                 Change {
                     kind,
-                    data: if kind == ChangeKind::Delete {
-                        None
-                    } else {
-                        v.map(|s| as_json(s, &k))
-                    },
-                    key: k.into(),
+                    key,
+                    data,
                     version: version as u64,
                     seq: 0,
                     position: Position::ChangeLog(ChangeLogSeq(seq as u64)),
@@ -617,12 +612,12 @@ impl Store {
 
 /// Values written by other programs may not be JSON: they are delivered as a JSON string
 /// rather than breaking the batch they travel in.
-fn as_json(s: String, key: &str) -> Arc<str> {
-    if is_valid_json(&s) {
+fn as_json(s: &str, key: &str) -> Arc<str> {
+    if is_valid_json(s) {
         s.into()
     } else {
         tracing::warn!(key, "value is not JSON; delivered as a string");
-        serde_json::to_string(&s)
+        serde_json::to_string(s)
             .unwrap_or_else(|_| "null".into())
             .into()
     }
@@ -701,7 +696,7 @@ mod tests {
 
     #[test]
     fn non_json_values_become_json_strings() {
-        assert_eq!(&*as_json("{\"a\":1}".into(), "k"), "{\"a\":1}");
-        assert_eq!(&*as_json("hello".into(), "k"), "\"hello\"");
+        assert_eq!(&*as_json("{\"a\":1}", "k"), "{\"a\":1}");
+        assert_eq!(&*as_json("hello", "k"), "\"hello\"");
     }
 }
