@@ -100,6 +100,8 @@ export interface StreamerOptions {
     tailInterval?: number;
     /** Change-log rows kept for readers that are behind. Default 100000. */
     changeLogRetention?: number;
+    /** Watch the WAL file so other processes' commits are seen at once (else polled every tailInterval). Default true. */
+    watch?: boolean;
   };
 }
 

@@ -18,9 +18,11 @@ fi
 command -v cargo >/dev/null || { echo "setup: Rust (cargo) is required: https://rustup.rs" >&2; exit 1; }
 command -v node >/dev/null || { echo "setup: Node.js >= 18 is required" >&2; exit 1; }
 
-if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  echo "setup: npm ci"
-  npm ci --no-audit --no-fund
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ] || [ package.json -nt node_modules/.package-lock.json ]; then
+  # `npm install` rather than `npm ci`: the lock file of this registry mirror lists only the
+  # optional platform packages that exist here, which `npm ci` refuses as out of sync.
+  echo "setup: npm install"
+  npm install --no-audit --no-fund
 fi
 
 echo "setup: building the native engine (release)"

@@ -45,6 +45,8 @@ pub struct SqliteConfig {
     pub tail_interval_ms: u64,
     /// Change-log rows kept for readers that are behind (other processes, restarts).
     pub change_log_retention: u64,
+    /// Watch the WAL file so other processes' commits are seen at once (else only polled).
+    pub watch: bool,
 }
 
 /// Server connection settings (MySQL / MongoDB), kept for the backends still to come.
@@ -127,6 +129,7 @@ impl Default for Config {
                 busy_timeout_ms: 5000,
                 tail_interval_ms: 2,
                 change_log_retention: 100_000,
+                watch: true,
             }),
             use_change_streams: true,
             polling_interval_ms: 2000,
@@ -420,6 +423,9 @@ impl Config {
                     }
                     if let Some(n) = get_int(so, "changeLogRetention", &p, 100, 1_000_000_000)? {
                         s.change_log_retention = n;
+                    }
+                    if let Some(b) = get_bool(so, "watch", &p)? {
+                        s.watch = b;
                     }
                 }
                 Backend::Sqlite(s)

@@ -4,7 +4,7 @@
 //! core. Other processes' commits are noticed through `PRAGMA data_version`.
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -134,6 +134,9 @@ pub struct StoreThread {
 
 struct Store {
     conn: Connection,
+    /// When this thread last committed (µs since the epoch): the file watch ignores the WAL
+    /// writes of our own commits instead of waking this thread for them.
+    own_commit_us: Arc<AtomicI64>,
     t: String,
     core: Arc<Core>,
     completions: Arc<dyn CompletionSink>,
@@ -167,6 +170,7 @@ impl StoreThread {
             batch,
             wake,
         } = self;
+        let file_wake = wake.clone();
         let waker: crate::sink::Waker = Box::new(move || {
             // A full queue already holds work that will wake the thread.
             let _ = wake.try_send(Op::Wake);
@@ -193,6 +197,15 @@ impl StoreThread {
         ready.store(true, Relaxed);
         connected.store(true, Relaxed);
         completions.complete(vec![Completion::Ready { id: init_id }]);
+        // Commits of other processes write the WAL file: a file watch wakes this thread at once.
+        // The `tailInterval` poll stays as the safety net if the watch is unavailable or late.
+        let wal_changed = Arc::new(AtomicBool::new(false));
+        let _watch = watch_wal(
+            &cfg,
+            wal_changed.clone(),
+            store.own_commit_us.clone(),
+            file_wake,
+        );
 
         let tail_interval = Duration::from_millis(cfg.tail_interval_ms);
         let mut shutdown: Option<u32> = None;
@@ -234,6 +247,8 @@ impl StoreThread {
                     shutdown = store.execute(ops);
                 }
             }
+            // Cleared before reading, so a commit during the read wakes us again.
+            wal_changed.store(false, Relaxed);
             store.capture();
             store.maybe_prune();
         }
@@ -270,6 +285,38 @@ impl StoreThread {
     }
 }
 
+/// Watches `<path>-wal`; each change sets `flag` and, unless a wake is already pending, queues
+/// `Op::Wake`. Returns the watcher (dropping it stops the watch), or None when unavailable.
+fn watch_wal(
+    cfg: &SqliteConfig,
+    flag: Arc<AtomicBool>,
+    own_commit_us: Arc<AtomicI64>,
+    wake: SyncSender<Op>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    if cfg.path == ":memory:" || !cfg.watch {
+        return None;
+    }
+    let wal = std::path::PathBuf::from(format!("{}-wal", cfg.path));
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            // Within 2 ms of our own commit the write is most likely ours; a foreign commit in
+            // that window is still found by the `tailInterval` poll.
+            let ours = now_us() - own_commit_us.load(Relaxed) < 2_000;
+            if (ev.kind.is_modify() || ev.kind.is_create()) && !ours && !flag.swap(true, Relaxed) {
+                let _ = wake.try_send(Op::Wake);
+            }
+        }
+    })
+    .map_err(|e| tracing::debug!("no file watch, polling only: {e}"))
+    .ok()?;
+    watcher
+        .watch(&wal, RecursiveMode::NonRecursive)
+        .map_err(|e| tracing::debug!("no file watch on {}, polling only: {e}", wal.display()))
+        .ok()?;
+    Some(watcher)
+}
+
 fn op_id(op: &Op) -> Option<u32> {
     match op {
         Op::Put { id, .. } | Op::Delete { id, .. } | Op::Get { id, .. } | Op::Shutdown { id } => {
@@ -301,6 +348,7 @@ impl Store {
         core.metrics.source_position.store(last_seq, Relaxed);
         Ok(Store {
             conn,
+            own_commit_us: Arc::new(AtomicI64::new(0)),
             t,
             core,
             completions,
@@ -427,6 +475,7 @@ impl Store {
                     }
                 }
             } else {
+                self.own_commit_us.store(now_us(), Relaxed);
                 self.core.metrics.transactions.fetch_add(1, Relaxed);
                 self.core.metrics.writes.fetch_add(n_writes, Relaxed);
                 self.dirty = true;
