@@ -8,14 +8,17 @@ static INIT: Once = Once::new();
 
 pub fn init(level: Option<&str>) {
     INIT.call_once(|| {
-        let filter = level
-            .map(|l| format!("ultimate_streaming={l}"))
-            .or_else(|| {
-                std::env::var("USP_LOG")
-                    .ok()
-                    .map(|l| format!("ultimate_streaming={l}"))
-            })
-            .unwrap_or_else(|| "ultimate_streaming=warn".to_string());
+        const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+        // An empty or unknown USP_LOG means the default, never "everything".
+        let env = std::env::var("USP_LOG")
+            .ok()
+            .map(|l| l.trim().to_ascii_lowercase())
+            .filter(|l| LEVELS.contains(&l.as_str()));
+        let level = level
+            .map(str::to_string)
+            .or(env)
+            .unwrap_or_else(|| "warn".into());
+        let filter = format!("ultimate_streaming={level}");
         let filter = tracing_subscriber::EnvFilter::try_new(filter)
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("ultimate_streaming=warn"));
         let _ = tracing_subscriber::fmt()
