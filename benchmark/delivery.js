@@ -2,10 +2,13 @@
 // Events per second delivered to a JavaScript listener: batched delivery vs one threadsafe call per
 // event, same run, same workload.
 //
-// Per run: a fresh streamer on a fresh SQLite file is initialised; then another connection
+// Per run: a fresh streamer on a fresh SQLite file is initialised; then ANOTHER PROCESS
 // (better-sqlite3 on the same file, WAL) inserts N rows with distinct keys in ONE transaction.
-// The clock starts when that transaction has committed and stops when the listener has seen the
-// N-th distinct event. events/s = N / (last event - commit).
+// (Another process, never this one: two SQLite libraries in one process must not open the same
+// file, their POSIX locks do not see each other.) The clock starts when that transaction has
+// committed (wall clock, performance.timeOrigin + performance.now() in both processes) and stops
+// when the listener has seen the N-th distinct event. events/s = N / (last event - commit).
+// The per-event mode allows 1024 calls in flight, as a naive one-call-per-event design would.
 // Modes:
 //   batched      batchSize 1000, a 'change' listener (called once per event, JS side loop)
 //   per-event    batchSize 1,    a 'change' listener (one native -> JS call per event)
@@ -15,8 +18,8 @@
 //
 //   node benchmark/delivery.js [--rows=200000] [--rounds=3] [--timeout=60] [--budget=60]
 
+const { spawn } = require('node:child_process');
 const {
-  nowMs,
   median,
   fmt,
   printTable,
@@ -43,11 +46,45 @@ const KEY_PREFIX = 'd:';
 
 const MODES = [
   { name: 'batched', label: "batched (batchSize 1000), 'change' listener", batchSize: 1000, listener: 'change' },
-  { name: 'per-event', label: "per-event (batchSize 1), 'change' listener", batchSize: 1, listener: 'change' },
+  { name: 'per-event', label: "per-event (batchSize 1), 'change' listener", batchSize: 1, listener: 'change', maxInFlightBatches: 1024 },
   { name: 'batch-only', label: "batched (batchSize 1000), 'batch' listener only", batchSize: 1000, listener: 'batch' },
 ];
 
-async function runOnce(UltimateStreamer, Database, mode) {
+function wallMs() {
+  return performance.timeOrigin + performance.now();
+}
+
+/** Inserts the N rows from a child process; resolves with its commit time (wall clock, ms). */
+function insertInChild(dbPath) {
+  const script = `
+    const Database = require(${JSON.stringify(require.resolve('better-sqlite3'))});
+    const db = new Database(process.argv[1]);
+    db.pragma('journal_mode = WAL'); db.pragma('synchronous = NORMAL'); db.pragma('busy_timeout = 10000');
+    const stmt = db.prepare('INSERT INTO usp_kv (k, v, version, deleted, updated_at) VALUES (?, ?, 1, 0, ?)');
+    const N = Number(process.argv[2]); const P = ${JSON.stringify(KEY_PREFIX)};
+    const insertAll = db.transaction(() => {
+      const us = Date.now() * 1000;
+      for (let i = 0; i < N; i++) stmt.run(P + i, '{"i":' + i + ',"p":"abcdefgh"}', us);
+    });
+    const t0 = performance.now();
+    insertAll();
+    const commitAt = performance.timeOrigin + performance.now();
+    db.close();
+    process.stdout.write(JSON.stringify({ commitAt, insertMs: performance.now() - t0 }));`;
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['-e', script, dbPath, String(N)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    child.stdout.on('data', (d) => (out += d));
+    const timer = setTimeout(() => child.kill('SIGKILL'), TIMEOUT_MS);
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      if (code !== 0) return reject(new Error(`writer process exited with ${code}`));
+      resolve(JSON.parse(out));
+    });
+  });
+}
+
+async function runOnce(UltimateStreamer, mode) {
   const dbPath = tempDbPath(`delivery-${mode.name}`);
   const seen = new Uint8Array(N);
   let distinct = 0;
@@ -74,11 +111,11 @@ async function runOnce(UltimateStreamer, Database, mode) {
     }
     seen[i] = 1;
     distinct++;
-    if (distinct === 1) tFirst = nowMs();
-    if (distinct === N) tLast = nowMs();
+    if (distinct === 1) tFirst = wallMs();
+    if (distinct === N) tLast = wallMs();
   };
 
-  const s = new UltimateStreamer({ connection: { path: dbPath }, options: { batchSize: mode.batchSize } });
+  const s = new UltimateStreamer({ connection: { path: dbPath }, options: { batchSize: mode.batchSize, ...(mode.maxInFlightBatches ? { maxInFlightBatches: mode.maxInFlightBatches } : {}) } });
   if (mode.listener === 'change') {
     s.on('change', (e) => {
       calls++;
@@ -92,33 +129,21 @@ async function runOnce(UltimateStreamer, Database, mode) {
   }
   s.on('error', () => {});
 
-  let db;
   let status;
   let tCommit = NaN;
   let insertMs = NaN;
   let completed = false;
   try {
     await s.init();
-    db = new Database(dbPath);
-    db.pragma('journal_mode = WAL');
-    db.pragma('synchronous = NORMAL');
-    db.pragma('busy_timeout = 10000');
-    const stmt = db.prepare('INSERT INTO usp_kv (k, v, version, deleted, updated_at) VALUES (?, ?, 1, 0, ?)');
-    const insertAll = db.transaction(() => {
-      const us = Date.now() * 1000;
-      for (let i = 0; i < N; i++) stmt.run(`${KEY_PREFIX}${i}`, `{"i":${i},"p":"abcdefgh"}`, us);
-    });
-    const t0 = nowMs();
-    insertAll();
-    tCommit = nowMs();
-    insertMs = tCommit - t0;
+    const w = await insertInChild(dbPath);
+    tCommit = w.commitAt;
+    insertMs = w.insertMs;
 
     completed = await waitFor(() => distinct >= N, TIMEOUT_MS, 1);
     // A short grace period to catch duplicates or strays delivered after the last expected event.
     await sleep(50);
     status = s.getStatus();
   } finally {
-    if (db) db.close();
     await s.close();
     removeDb(dbPath);
   }
@@ -146,7 +171,7 @@ async function runOnce(UltimateStreamer, Database, mode) {
 
 async function main() {
   const UltimateStreamer = await loadStreamer();
-  const Database = loadBetterSqlite3();
+  loadBetterSqlite3(); // fails early, with a clear message, when the devDependency is missing
   const command = commandFor(__filename, process.argv.slice(2));
   const startedAt = new Date();
   const machine = machineFacts(); // taken before the load of this script
@@ -167,7 +192,7 @@ async function main() {
         continue;
       }
       const runStart = Date.now();
-      const res = await runOnce(UltimateStreamer, Database, mode);
+      const res = await runOnce(UltimateStreamer, mode);
       longest[mode.name] = Math.max(longest[mode.name] || 0, Date.now() - runStart);
       res.round = r;
       rounds.push(res);

@@ -135,6 +135,7 @@ async function runUsp(UltimateStreamer, Database, mode) {
   }
   let check;
   try {
+    // Safe only after close(): it resolves once the engine's connections are closed.
     check = checkVersions(Database, dbPath, 'usp_kv');
   } finally {
     removeDb(dbPath);
