@@ -24,6 +24,37 @@ test('an idle pipe delivers each event at once, alone', async () => {
   }
   expect(batches).toEqual(Array(20).fill(1));
   expect(s.getStatus().events.batches).toBe(20);
+  // Once the listeners have run, nothing is in flight any more.
+  await waitFor(() => s.getStatus().queues.inFlightBatches.depth === 0, 'an idle in-flight gauge');
+  expect(s.getStatus().queues.delivery.depth).toBe(0);
+});
+
+test('the WAL file stays bounded under sustained writes', async () => {
+  const fs = require('node:fs');
+  const file = tmpDb();
+  const s = await started({}, file);
+  let maxWal = 0;
+  const sample = setInterval(() => {
+    try {
+      maxWal = Math.max(maxWal, fs.statSync(`${file}-wal`).size);
+    } catch {
+      // not created yet
+    }
+  }, 10);
+  let next = 0;
+  const N = 60_000;
+  await Promise.all(
+    Array.from({ length: 64 }, async () => {
+      while (next < N) {
+        const i = next++;
+        await s.push(`key:${(i * 7919) % 10_000}`, { n: i, pad: 'x'.repeat(48) });
+      }
+    }),
+  );
+  clearInterval(sample);
+  expect(s.getStatus().store.writes).toBe(N);
+  expect(maxWal).toBeGreaterThan(0);
+  expect(maxWal).toBeLessThan(64 * 1024 * 1024);
 });
 
 test('under load events are coalesced: one JavaScript call per batch, never above batchSize, in order', async () => {

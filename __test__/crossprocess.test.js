@@ -38,9 +38,12 @@ test('writes made with plain SQL by another process are captured with database-a
   expect(await s.get('ext')).toBe('not json');
 });
 
-test('pushes from another UltimateStreamer process reach this process', async () => {
+test.each([
+  ['with the WAL file watch', true],
+  ['polling only (sqlite.watch: false)', false],
+])('pushes from another UltimateStreamer process reach this process, %s', async (_name, watch) => {
   const file = tmpDb();
-  const s = await started(file);
+  const s = await started(file, { sqlite: { watch } });
   const seen = [];
   s.on('change', (e) => seen.push([e.key, e.version, e.data]));
   const script = `const U = require(${JSON.stringify(ROOT)}); (async () => {

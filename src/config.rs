@@ -181,6 +181,7 @@ const SQLITE_KEYS: &[&str] = &[
     "busyTimeout",
     "tailInterval",
     "changeLogRetention",
+    "watch",
 ];
 const LOG_LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
 
@@ -643,6 +644,32 @@ mod tests {
         assert!(err(json!({"options": {"sqlite": {"synchronous": "off"}}})).contains("synchronous"));
         assert!(err(json!(42)).contains("`config`"));
         assert!(err(json!({"dbType": "mysql", "port": 70000})).contains("`port`"));
+    }
+
+    #[test]
+    fn sqlite_options() {
+        let c = Config::from_json(&json!({"options": {"sqlite": {
+            "synchronous": "full", "busyTimeout": 100, "tailInterval": 5, "changeLogRetention": 500, "watch": false
+        }}}))
+        .unwrap();
+        match c.backend {
+            Backend::Sqlite(s) => {
+                assert_eq!(s.synchronous, Synchronous::Full);
+                assert_eq!(
+                    (
+                        s.busy_timeout_ms,
+                        s.tail_interval_ms,
+                        s.change_log_retention
+                    ),
+                    (100, 5, 500)
+                );
+                assert!(!s.watch);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            err(json!({"options": {"sqlite": {"watch": "no"}}})).contains("`options.sqlite.watch`")
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use hdrhistogram::Histogram;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::error::Error;
@@ -95,8 +95,8 @@ pub struct Metrics {
     pub write_queue_depth: AtomicUsize,
     /// gauge, events: events queued between capture and delivery.
     pub dispatch_queue_depth: AtomicUsize,
-    /// gauge, batches: batches handed to JavaScript and not yet processed.
-    pub in_flight_batches: AtomicUsize,
+    /// gauge, batches: batches handed to JavaScript and not yet processed (kept by the gate).
+    pub in_flight_batches: Arc<AtomicUsize>,
     /// counter, transactions: store transactions committed.
     pub transactions: AtomicU64,
     /// counter, operations: store writes committed.
@@ -131,7 +131,7 @@ impl Metrics {
             ),
             write_queue_depth: AtomicUsize::new(0),
             dispatch_queue_depth: AtomicUsize::new(0),
-            in_flight_batches: AtomicUsize::new(0),
+            in_flight_batches: Arc::new(AtomicUsize::new(0)),
             transactions: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             errors_recoverable: AtomicU64::new(0),

@@ -41,7 +41,7 @@ impl Batcher {
         metrics: Arc<Metrics>,
         waker: Option<Waker>,
     ) -> Batcher {
-        let gate = Gate::new(opts.max_in_flight);
+        let gate = Gate::with_gauge(opts.max_in_flight, Some(metrics.in_flight_batches.clone()));
         if let Some(w) = waker {
             gate.set_waker(w);
         }
@@ -108,9 +108,6 @@ impl Batcher {
         };
         self.gate.waiting.store(self.pending.len(), SeqCst);
         self.metrics.dispatch_queue_depth.fetch_sub(n, Relaxed);
-        self.metrics
-            .in_flight_batches
-            .store(self.gate.in_flight(), Relaxed);
         if !self.sink.deliver(batch, ack) {
             self.sink_gone = true;
             let left = self.pending.len();

@@ -26,6 +26,8 @@ pub struct Gate {
     /// Events the producer holds back for lack of a slot (kept in sync by the batcher).
     pub waiting: AtomicUsize,
     waker: Mutex<Option<Waker>>,
+    /// Mirrors the in-flight count for status readers (`getStatus().queues.inFlightBatches`).
+    gauge: Option<Arc<AtomicUsize>>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -39,13 +41,25 @@ impl std::fmt::Debug for Gate {
 
 impl Gate {
     pub fn new(max: usize) -> Arc<Gate> {
+        Self::with_gauge(max, None)
+    }
+
+    /// A gate that keeps `gauge` equal to its in-flight count.
+    pub fn with_gauge(max: usize, gauge: Option<Arc<AtomicUsize>>) -> Arc<Gate> {
         Arc::new(Gate {
             in_flight: Mutex::new(0),
             cv: Condvar::new(),
             max: max.max(1),
             waiting: AtomicUsize::new(0),
             waker: Mutex::new(None),
+            gauge,
         })
+    }
+
+    fn set_gauge(&self, n: usize) {
+        if let Some(g) = &self.gauge {
+            g.store(n, SeqCst);
+        }
     }
 
     /// Installs the function that wakes the producer.
@@ -60,6 +74,7 @@ impl Gate {
             return None;
         }
         *n += 1;
+        self.set_gauge(*n);
         Some(Ack(Some(self.clone())))
     }
 
@@ -109,6 +124,7 @@ impl Gate {
         {
             let mut n = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             *n = n.saturating_sub(1);
+            self.set_gauge(*n);
             self.cv.notify_all();
         }
         // SeqCst pairs with the batcher's store of `waiting` before its try_acquire: either it
