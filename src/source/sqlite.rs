@@ -6,7 +6,7 @@
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{validate_identifier, SqliteConfig, Synchronous};
@@ -99,6 +99,12 @@ pub fn open(cfg: &SqliteConfig) -> Result<Connection> {
         Synchronous::Full => "FULL",
     };
     conn.execute_batch(&format!("PRAGMA synchronous={sync};"))?;
+    if cfg.path != ":memory:" {
+        // Most checkpointing (and its fsync) runs on the `Checkpointer`'s connection; this
+        // connection only checkpoints when the WAL outgrows 10,000 pages, which bounds the WAL
+        // under continuous writes (a checkpoint racing new commits never lets it restart).
+        conn.execute_batch("PRAGMA wal_autocheckpoint=10000; PRAGMA journal_size_limit=67108864;")?;
+    }
     conn.set_prepared_statement_cache_capacity(32);
     // Two processes may create the schema at the same time: one IMMEDIATE transaction each.
     conn.execute_batch(&format!(
@@ -200,6 +206,7 @@ impl StoreThread {
         // Commits of other processes write the WAL file: a file watch wakes this thread at once.
         // The `tailInterval` poll stays as the safety net if the watch is unavailable or late.
         let wal_changed = Arc::new(AtomicBool::new(false));
+        let checkpointer = Checkpointer::start(&cfg);
         let watch = watch_wal(
             &cfg,
             wal_changed.clone(),
@@ -277,6 +284,7 @@ impl StoreThread {
         // Stop every helper and close every connection before settling close(): the caller may
         // delete or reopen the file as soon as it resolves.
         drop(watch);
+        drop(checkpointer);
         drop(store);
         connected.store(false, Relaxed);
         tracing::info!("sqlite store stopped");
@@ -285,6 +293,66 @@ impl StoreThread {
         }
         if !refused.is_empty() {
             completions.complete(refused);
+        }
+    }
+}
+
+/// How often the WAL is checkpointed into the database file in the background.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Checkpoints the WAL from its own connection and thread, so the copying and fsync of a
+/// checkpoint mostly stays off the store thread. Dropping it stops and joins the thread.
+struct Checkpointer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(cfg: &SqliteConfig) -> Option<Checkpointer> {
+        if cfg.path == ":memory:" {
+            return None;
+        }
+        let conn = Connection::open_with_flags(
+            &cfg.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| tracing::warn!("no background checkpoints: {e}"))
+        .ok()?;
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stop2 = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("usp-checkpoint".into())
+            .spawn(move || {
+                let (lock, cv) = &*stop2;
+                let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+                while !*stopped {
+                    stopped = cv
+                        .wait_timeout(stopped, CHECKPOINT_EVERY)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    // PASSIVE: copies what it can without waiting for readers or writers.
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::debug!("checkpoint skipped: {e}");
+                    }
+                }
+            })
+            .map_err(|e| tracing::warn!("no background checkpoints: {e}"))
+            .ok()?;
+        Some(Checkpointer {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
         }
     }
 }
