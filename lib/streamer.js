@@ -320,6 +320,15 @@ class UltimateStreamer extends EventEmitter {
       return;
     }
     for (const c of done) {
+      if (c[1] === 'x') {
+        // The engine died (a bug): nothing pending will complete; fail it all, loudly.
+        const err = new UspError(c[2], c[3]);
+        for (const [, w] of this.#pending) w.reject(err);
+        this.#pending.clear();
+        if (this.listenerCount('error') > 0) this.#emitSafe(this.rawListeners('error'), 'error', err);
+        else process.emitWarning(err.message, { code: err.code });
+        continue;
+      }
       const w = this.#pending.get(c[0]);
       if (!w) continue;
       this.#pending.delete(c[0]);

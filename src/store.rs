@@ -56,6 +56,10 @@ pub enum Completion {
     Closed {
         id: u32,
     },
+    /// The store thread died (a bug): every pending operation fails with `error`.
+    Fatal {
+        error: Error,
+    },
 }
 
 /// Receives completions (the JavaScript binding settles promises with them).
@@ -64,7 +68,8 @@ pub trait CompletionSink: Send + Sync + 'static {
 }
 
 /// Encodes completions as one JSON array of tuples:
-/// `[id,"r"]`, `[id,"p",version]`, `[id,"d",existed]`, `[id,"g",value]`, `[id,"e",code,message]`, `[id,"c"]`.
+/// `[id,"r"]`, `[id,"p",version]`, `[id,"d",existed]`, `[id,"g",value]`, `[id,"e",code,message]`,
+/// `[id,"c"]`, and `[0,"x",code,message]` when the engine died (every pending call fails).
 pub fn encode_completions(done: &[Completion]) -> String {
     let mut out = String::with_capacity(done.len() * 24 + 2);
     out.push('[');
@@ -87,6 +92,11 @@ pub fn encode_completions(done: &[Completion]) -> String {
                 out.push(']');
             }
             Completion::Closed { id } => out.push_str(&format!("[{id},\"c\"]")),
+            Completion::Fatal { error } => {
+                out.push_str(&format!("[0,\"x\",\"{}\",", error.code()));
+                push_json_string(&mut out, &error.to_string());
+                out.push(']');
+            }
         }
     }
     out.push(']');
@@ -116,6 +126,9 @@ mod tests {
                 error: Error::Db("quote \" here".into()),
             },
             Completion::Closed { id: 7 },
+            Completion::Fatal {
+                error: Error::Internal("boom".into()),
+            },
         ]);
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v[1][2], 7);
@@ -125,5 +138,7 @@ mod tests {
         assert_eq!(v[5][2], "USP_DB_ERROR");
         assert!(v[5][3].as_str().unwrap().contains("quote \" here"));
         assert_eq!(v[6][1], "c");
+        assert_eq!(v[7][1], "x");
+        assert_eq!(v[7][2], "USP_INTERNAL");
     }
 }

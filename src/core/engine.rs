@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::sink::BatchSink;
 use crate::source::sqlite::StoreThread;
-use crate::store::{CompletionSink, Op};
+use crate::store::{Completion, CompletionSink, Op};
 
 enum State {
     Created,
@@ -126,6 +126,7 @@ impl Engine {
         let (ops_tx, ops_rx) = sync_channel(cfg.write_queue_size);
         let ready = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
+        let on_panic = completions.clone();
         let store = StoreThread {
             cfg: sqlite.clone(),
             write_batch_size: cfg.write_batch_size,
@@ -150,7 +151,15 @@ impl Engine {
                 if let Err(p) =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.run()))
                 {
-                    tracing::error!("store thread panicked: {p:?}");
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "panic".into());
+                    tracing::error!("store thread panicked: {msg}");
+                    on_panic.complete(vec![Completion::Fatal {
+                        error: Error::Internal(format!("the store thread stopped: {msg}")),
+                    }]);
                 }
             })
             .map_err(|e| Error::Internal(format!("cannot start the store thread: {e}")))?;
