@@ -84,6 +84,8 @@ export interface StreamerOptions {
   maxKeyLength?: number;
   /** Events kept for replay to reconnecting consumers. Default 10000. */
   historySize?: number;
+  /** Bytes of keys and values the replay history may hold. Default 64 MiB. */
+  historyMaxBytes?: number;
   /** Keys whose last delivered version is remembered for dedupe. Default 1000000. */
   dedupeCapacity?: number;
   /** Log level (to stderr): off, error, warn, info, debug, trace. Default: `USP_LOG` or warn. */
@@ -194,7 +196,7 @@ export interface StreamerStatus {
     inFlightBatches: { depth: number; capacity: number };
   };
   store: { transactions: number; writes: number; position: number };
-  history: { size: number; capacity: number; lastSeq: number };
+  history: { size: number; capacity: number; bytes: number; maxBytes: number; lastSeq: number };
   errors: { recoverable: number; fatal: number; listener: number; last: { code: string; message: string; at: number } | null };
   uptimeMs: number;
 }

@@ -113,6 +113,8 @@ pub struct Config {
     pub max_key_length: usize,
     /// Events kept in the in-memory history ring (for replay to reconnecting clients). Default 10000.
     pub history_size: usize,
+    /// Bytes of keys and values the history ring may hold. Default 64 MiB.
+    pub history_max_bytes: usize,
     /// Keys whose last delivered version is remembered for dedupe. Default 1000000.
     pub dedupe_capacity: usize,
     /// Log level: error, warn, info, debug, trace, off. `USP_LOG` overrides when unset.
@@ -146,6 +148,7 @@ impl Default for Config {
             max_value_size: 16 * 1024 * 1024,
             max_key_length: 191,
             history_size: 10_000,
+            history_max_bytes: 64 * 1024 * 1024,
             dedupe_capacity: 1_000_000,
             log_level: None,
         }
@@ -168,6 +171,7 @@ const OPTION_KEYS: &[&str] = &[
     "maxValueSize",
     "maxKeyLength",
     "historySize",
+    "historyMaxBytes",
     "dedupeCapacity",
     "logLevel",
     "table",
@@ -509,6 +513,9 @@ impl Config {
         }
         if let Some(n) = get_int(o, "historySize", p, 0, 100_000_000)? {
             self.history_size = n as usize;
+        }
+        if let Some(n) = get_int(o, "historyMaxBytes", p, 0, 1 << 40)? {
+            self.history_max_bytes = n as usize;
         }
         if let Some(n) = get_int(o, "dedupeCapacity", p, 1, 1_000_000_000)? {
             self.dedupe_capacity = n as usize;

@@ -119,6 +119,7 @@ impl Engine {
         let core = Arc::new(Core::new(
             cache,
             cfg.history_size,
+            cfg.history_max_bytes,
             cfg.dedupe_capacity,
             self.metrics.clone(),
             cfg.queue_size,
@@ -347,8 +348,10 @@ impl Engine {
                 "position": m.source_position.load(Relaxed),
             },
             "history": {
-                "size": core.as_ref().map_or(0, |c| c.history_len()),
+                "size": core.as_ref().map_or(0, |c| c.history_len().0),
                 "capacity": c.history_size,
+                "bytes": core.as_ref().map_or(0, |c| c.history_len().1),
+                "maxBytes": c.history_max_bytes,
                 "lastSeq": core.as_ref().map_or(0, |c| c.last_seq()),
             },
             "errors": {

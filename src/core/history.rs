@@ -22,24 +22,50 @@ pub enum Replay {
 pub struct History {
     ring: VecDeque<(u64, Event)>,
     capacity: usize,
+    /// Bound on the bytes of keys and values held (values can be large).
+    max_bytes: usize,
+    bytes: usize,
+}
+
+fn size_of(e: &Event) -> usize {
+    match e {
+        Event::Change(c) => 64 + c.key.len() + c.data.as_ref().map_or(0, |d| d.len()),
+        Event::Resync { reason, .. } => 64 + reason.len(),
+    }
 }
 
 impl History {
-    pub fn new(capacity: usize) -> Self {
+    /// A ring of at most `capacity` events and `max_bytes` bytes of keys and values.
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
         History {
             ring: VecDeque::with_capacity(capacity.min(4096)),
             capacity,
+            max_bytes,
+            bytes: 0,
         }
     }
 
     pub fn push(&mut self, seq: u64, e: Event) {
-        if self.capacity == 0 {
+        let size = size_of(&e);
+        if self.capacity == 0 || size > self.max_bytes {
+            // Too big to keep: a replay across it reports a gap.
+            self.ring.clear();
+            self.bytes = 0;
             return;
         }
-        if self.ring.len() == self.capacity {
-            self.ring.pop_front();
+        while self.ring.len() >= self.capacity || self.bytes + size > self.max_bytes {
+            match self.ring.pop_front() {
+                Some((_, old)) => self.bytes -= size_of(&old),
+                None => break,
+            }
         }
+        self.bytes += size;
         self.ring.push_back((seq, e));
+    }
+
+    /// Bytes of keys and values held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn len(&self) -> usize {
@@ -86,7 +112,7 @@ mod tests {
 
     #[test]
     fn replays_what_it_holds_and_names_the_gap() {
-        let mut h = History::new(3);
+        let mut h = History::new(3, 1 << 20);
         for s in 1..=5 {
             h.push(s, ev(s));
         }
@@ -104,8 +130,30 @@ mod tests {
     }
 
     #[test]
+    fn bounded_in_bytes_too() {
+        let mut h = History::new(1000, 1000);
+        for s in 1..=100 {
+            h.push(s, ev(s));
+        }
+        assert!(h.bytes() <= 1000, "{}", h.bytes());
+        assert!(h.len() < 100);
+        // The newest events are the ones kept, and a replay from the start names the gap.
+        match h.since(0, 100) {
+            Replay::Gap {
+                from: 1,
+                to,
+                events,
+            } => {
+                assert_eq!(to as usize, 100 - h.len());
+                assert_eq!(events.len(), h.len());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn zero_capacity_holds_nothing() {
-        let mut h = History::new(0);
+        let mut h = History::new(0, 1 << 20);
         h.push(1, ev(1));
         assert!(h.is_empty());
         assert_eq!(

@@ -30,6 +30,7 @@ impl Core {
     pub fn new(
         cache: Option<Cache>,
         history_size: usize,
+        history_max_bytes: usize,
         dedupe_capacity: usize,
         metrics: Arc<Metrics>,
         queue_size: usize,
@@ -37,7 +38,7 @@ impl Core {
         Core {
             sequencer: Mutex::new(Sequencer::new(dedupe_capacity)),
             cache,
-            history: Mutex::new(History::new(history_size)),
+            history: Mutex::new(History::new(history_size, history_max_bytes)),
             metrics,
             queue_size,
         }
@@ -112,8 +113,9 @@ impl Core {
             .last_seq()
     }
 
-    /// Events held in the history ring.
-    pub fn history_len(&self) -> usize {
-        self.history.lock().unwrap_or_else(|p| p.into_inner()).len()
+    /// Events and bytes held in the history ring.
+    pub fn history_len(&self) -> (usize, usize) {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        (h.len(), h.bytes())
     }
 }
