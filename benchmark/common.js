@@ -136,6 +136,16 @@ function removeTempDir() {
   }
 }
 
+/** Runs a script's async `main`: a failure is printed and sets exit code 1; temp files go. */
+function runMain(main) {
+  main()
+    .catch((e) => {
+      console.error(e && e.stack ? e.stack : e);
+      process.exitCode = 1;
+    })
+    .finally(removeTempDir);
+}
+
 /** Writes results/<name>.json and returns its path. */
 function writeResult(name, result) {
   fs.mkdirSync(RESULTS_DIR, { recursive: true });
@@ -219,7 +229,7 @@ module.exports = {
   printTable,
   tempDbPath,
   removeDb,
-  removeTempDir,
+  runMain,
   writeResult,
   machineFacts,
   loadStreamer,

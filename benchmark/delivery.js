@@ -25,7 +25,7 @@ const {
   printTable,
   tempDbPath,
   removeDb,
-  removeTempDir,
+  runMain,
   writeResult,
   machineFacts,
   loadStreamer,
@@ -277,9 +277,4 @@ async function main() {
   if (problems.length) process.exitCode = 1;
 }
 
-main()
-  .catch((e) => {
-    console.error(e && e.stack ? e.stack : e);
-    process.exitCode = 1;
-  })
-  .finally(removeTempDir);
+runMain(main);

@@ -20,7 +20,7 @@ const {
   printTable,
   tempDbPath,
   removeDb,
-  removeTempDir,
+  runMain,
   writeResult,
   machineFacts,
   loadStreamer,
@@ -267,9 +267,4 @@ async function main() {
   if (problems.length) process.exitCode = 1;
 }
 
-main()
-  .catch((e) => {
-    console.error(e && e.stack ? e.stack : e);
-    process.exitCode = 1;
-  })
-  .finally(removeTempDir);
+runMain(main);

@@ -7,7 +7,6 @@ const { EventEmitter } = require('node:events');
 const { NativeStreamer } = require('../native/index.js');
 const { UspError, fromNative, describe } = require('./errors');
 
-const CHANGE_TYPES = ['insert', 'update', 'delete'];
 const MAX_ID = 0x7fffffff;
 
 function checkKey(key) {
@@ -345,7 +344,5 @@ class UltimateStreamer extends EventEmitter {
     }
   }
 }
-
-UltimateStreamer.CHANGE_TYPES = CHANGE_TYPES;
 
 module.exports = { UltimateStreamer };

@@ -1,8 +1,6 @@
 //! The one error type of the engine. Every error that reaches JavaScript comes from here and
 //! carries a stable `code` (see `Error::code`) plus a message that says what to do.
 
-use std::fmt;
-
 /// Result alias used across the engine.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -121,14 +119,5 @@ impl From<rusqlite::Error> for Error {
             )),
             _ => Error::Db(format!("SQLite statement failed: {e}")),
         }
-    }
-}
-
-/// A short display of an error with its code, used in logs and status.
-pub struct Coded<'a>(pub &'a Error);
-
-impl fmt::Display for Coded<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.0.code(), self.0)
     }
 }

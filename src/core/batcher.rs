@@ -41,7 +41,7 @@ impl Batcher {
         metrics: Arc<Metrics>,
         waker: Option<Waker>,
     ) -> Batcher {
-        let gate = Gate::with_gauge(opts.max_in_flight, Some(metrics.in_flight_batches.clone()));
+        let gate = Gate::new(opts.max_in_flight, Some(metrics.in_flight_batches.clone()));
         if let Some(w) = waker {
             gate.set_waker(w);
         }

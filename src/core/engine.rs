@@ -88,10 +88,6 @@ impl Engine {
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -317,6 +313,7 @@ impl Engine {
             }
         };
         let lat = m.latency();
+        let history = core.as_ref().map_or((0, 0), |c| c.history_len());
         let last = m
             .last_error()
             .map(|(code, message, at)| json!({ "code": code, "message": message, "at": at }));
@@ -348,9 +345,9 @@ impl Engine {
                 "position": m.source_position.load(Relaxed),
             },
             "history": {
-                "size": core.as_ref().map_or(0, |c| c.history_len().0),
+                "size": history.0,
                 "capacity": c.history_size,
-                "bytes": core.as_ref().map_or(0, |c| c.history_len().1),
+                "bytes": history.1,
                 "maxBytes": c.history_max_bytes,
                 "lastSeq": core.as_ref().map_or(0, |c| c.last_seq()),
             },

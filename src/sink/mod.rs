@@ -40,12 +40,8 @@ impl std::fmt::Debug for Gate {
 }
 
 impl Gate {
-    pub fn new(max: usize) -> Arc<Gate> {
-        Self::with_gauge(max, None)
-    }
-
-    /// A gate that keeps `gauge` equal to its in-flight count.
-    pub fn with_gauge(max: usize, gauge: Option<Arc<AtomicUsize>>) -> Arc<Gate> {
+    /// A gate for `max` batches in flight that keeps `gauge` (if any) equal to its count.
+    pub fn new(max: usize, gauge: Option<Arc<AtomicUsize>>) -> Arc<Gate> {
         Arc::new(Gate {
             in_flight: Mutex::new(0),
             cv: Condvar::new(),
@@ -145,13 +141,6 @@ impl Gate {
 /// Releases one in-flight slot when dropped.
 #[derive(Debug)]
 pub struct Ack(Option<Arc<Gate>>);
-
-impl Ack {
-    /// An ack bound to no gate (tests, fire-and-forget sinks).
-    pub fn detached() -> Ack {
-        Ack(None)
-    }
-}
 
 impl Drop for Ack {
     fn drop(&mut self) {

@@ -118,6 +118,35 @@ pub fn open(cfg: &SqliteConfig) -> Result<Connection> {
     Ok(conn)
 }
 
+/// The statements of the hot path, built once per store from the validated table name.
+struct Sql {
+    upsert: String,
+    delete: String,
+    get: String,
+    tail: String,
+    prune: String,
+}
+
+impl Sql {
+    fn new(t: &str) -> Sql {
+        Sql {
+            upsert: format!(
+                "INSERT INTO {t} (k, v, version, deleted, updated_at) VALUES (?1, ?2, 1, 0, ?3)
+                 ON CONFLICT(k) DO UPDATE SET v = excluded.v, version = {t}.version + 1,
+                     deleted = 0, updated_at = excluded.updated_at
+                 RETURNING version"
+            ),
+            delete: format!(
+                "UPDATE {t} SET v = NULL, version = version + 1, deleted = 1, updated_at = ?2
+                 WHERE k = ?1 AND deleted = 0 RETURNING version"
+            ),
+            get: format!("SELECT v, version, deleted FROM {t} WHERE k = ?1"),
+            tail: format!("SELECT seq, k, v, version, op, ts FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
+            prune: format!("DELETE FROM {t}_changes WHERE seq <= ?1"),
+        }
+    }
+}
+
 /// One change-log row: seq, key, value (JSON), version, kind, commit time (µs).
 type LogRow = (i64, Arc<str>, Option<Arc<str>>, i64, ChangeKind, i64);
 
@@ -143,7 +172,7 @@ struct Store {
     /// When this thread last committed (µs since the epoch): the file watch ignores the WAL
     /// writes of our own commits instead of waking this thread for them.
     own_commit_us: Arc<AtomicI64>,
-    t: String,
+    sql: Sql,
     core: Arc<Core>,
     completions: Arc<dyn CompletionSink>,
     last_seq: u64,
@@ -421,7 +450,7 @@ impl Store {
         Ok(Store {
             conn,
             own_commit_us: Arc::new(AtomicI64::new(0)),
-            t,
+            sql: Sql::new(&t),
             core,
             completions,
             last_seq: last_seq as u64,
@@ -438,7 +467,6 @@ impl Store {
     /// Executes a batch of operations; writes share one transaction. Returns the id of a
     /// shutdown request found in the batch.
     fn execute(&mut self, ops: Vec<Op>) -> Option<u32> {
-        let t = self.t.clone();
         let has_writes = ops
             .iter()
             .any(|o| matches!(o, Op::Put { .. } | Op::Delete { .. }));
@@ -473,13 +501,10 @@ impl Store {
                 Op::Put { id, key, json } => {
                     let r = self
                         .conn
-                        .prepare_cached(&format!(
-                            "INSERT INTO {t} (k, v, version, deleted, updated_at) VALUES (?1, ?2, 1, 0, ?3)
-                             ON CONFLICT(k) DO UPDATE SET v = excluded.v, version = {t}.version + 1,
-                                 deleted = 0, updated_at = excluded.updated_at
-                             RETURNING version"
-                        ))
-                        .and_then(|mut s| s.query_row(params![&*key, &json, ts], |r| r.get::<_, i64>(0)));
+                        .prepare_cached(&self.sql.upsert)
+                        .and_then(|mut s| {
+                            s.query_row(params![&*key, &json, ts], |r| r.get::<_, i64>(0))
+                        });
                     match r {
                         Ok(v) => {
                             n_writes += 1;
@@ -498,11 +523,11 @@ impl Store {
                 Op::Delete { id, key } => {
                     let r = self
                         .conn
-                        .prepare_cached(&format!(
-                            "UPDATE {t} SET v = NULL, version = version + 1, deleted = 1, updated_at = ?2
-                             WHERE k = ?1 AND deleted = 0 RETURNING version"
-                        ))
-                        .and_then(|mut s| s.query_row(params![&*key, ts], |r| r.get::<_, i64>(0)).optional());
+                        .prepare_cached(&self.sql.delete)
+                        .and_then(|mut s| {
+                            s.query_row(params![&*key, ts], |r| r.get::<_, i64>(0))
+                                .optional()
+                        });
                     match r {
                         Ok(Some(v)) => {
                             n_writes += 1;
@@ -582,10 +607,9 @@ impl Store {
     }
 
     fn read(&mut self, key: &str) -> Result<Option<CacheEntry>> {
-        let t = &self.t;
         let row = self
             .conn
-            .prepare_cached(&format!("SELECT v, version, deleted FROM {t} WHERE k = ?1"))?
+            .prepare_cached(&self.sql.get)?
             .query_row([key], |r| {
                 Ok((
                     r.get::<_, Option<String>>(0)?,
@@ -626,11 +650,8 @@ impl Store {
         }
         self.blocked = false;
         let limit = room.min(TAIL_CHUNK);
-        let t = &self.t;
         let rows: Result<Vec<LogRow>> = (|| {
-            let mut stmt = self.conn.prepare_cached(&format!(
-                "SELECT seq, k, v, version, op, ts FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"
-            ))?;
+            let mut stmt = self.conn.prepare_cached(&self.sql.tail)?;
             let rows = stmt
                 .query_map(params![self.last_seq as i64, limit as i64], |r| {
                     // Borrow the text columns: one allocation per value, straight into its Arc.
@@ -719,11 +740,7 @@ impl Store {
         if bound <= 0 {
             return;
         }
-        let t = &self.t;
-        match self
-            .conn
-            .execute(&format!("DELETE FROM {t}_changes WHERE seq <= ?1"), [bound])
-        {
+        match self.conn.execute(&self.sql.prune, [bound]) {
             Ok(n) if n > 0 => tracing::debug!(rows = n, "change log pruned"),
             Ok(_) => {}
             Err(e) => tracing::debug!("change log prune skipped: {e}"),
@@ -795,9 +812,8 @@ mod tests {
     #[test]
     fn upsert_returns_database_assigned_versions() {
         let c = mem();
-        let up = "INSERT INTO kv (k, v, version, deleted, updated_at) VALUES (?1, ?2, 1, 0, ?3)
-                  ON CONFLICT(k) DO UPDATE SET v = excluded.v, version = kv.version + 1, deleted = 0,
-                  updated_at = excluded.updated_at RETURNING version";
+        let sql = Sql::new("kv");
+        let up = sql.upsert.as_str();
         let v1: i64 = c
             .query_row(up, params!["k", "1", 10], |r| r.get(0))
             .unwrap();
