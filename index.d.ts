@@ -8,7 +8,7 @@ import { EventEmitter } from 'node:events';
  * `code` is one of these:
  *
  * - `USP_INVALID_CONFIG` — the configuration is invalid; the message names the option.
- * - `USP_UNSUPPORTED_BACKEND` — the chosen database (`mysql`, `mongodb`) is not available in this version.
+ * - `USP_UNSUPPORTED_BACKEND` — the chosen database (`mongodb`) is not available in this version.
  * - `USP_INVALID_KEY` — the key is not a non-empty string of at most `maxKeyLength` characters without NUL.
  * - `USP_INVALID_VALUE` — the value cannot be stored as JSON (undefined, function, symbol, BigInt, circular).
  * - `USP_VALUE_TOO_LARGE` — the value is larger than `maxValueSize` bytes as JSON (default 16 MiB).
@@ -17,7 +17,7 @@ import { EventEmitter } from 'node:events';
  * - `USP_CLOSED` — the streamer is closed.
  * - `USP_ALREADY_INITIALIZED` — `init(config)` was called again with a new config.
  * - `USP_DB_UNAVAILABLE` — the database cannot be opened or reached.
- * - `USP_DB_ERROR` — the database refused the statement; nothing was written.
+ * - `USP_DB_ERROR` — the database refused the statement or the connection (wrong password, unknown database, binlog not usable); nothing was written.
  * - `USP_DB_BUSY` — the database stayed locked by another process past the busy timeout; retry.
  * - `USP_OVERLOADED` — more operations are waiting than `writeQueueSize`; await earlier calls.
  * - `USP_LISTENER_ERROR` — a listener threw (reported on `'error'`); delivery to others continued.
@@ -90,8 +90,21 @@ export interface StreamerOptions {
   dedupeCapacity?: number;
   /** Log level (to stderr): off, error, warn, info, debug, trace. Default: `USP_LOG` or warn. */
   logLevel?: 'off' | 'error' | 'warn' | 'info' | 'debug' | 'trace';
-  /** KV table name (letters, digits, underscore). Default 'usp_kv'; the change log is `<table>_changes`. */
+  /** KV table name (letters, digits, underscore). Default 'usp_kv'. SQLite: the change log is `<table>_changes`; MySQL: the capture checkpoint is in `<table>_checkpoint`. */
   table?: string;
+  /** MySQL/MariaDB binlog capture settings. */
+  mysql?: {
+    /** Replication server_id of the binlog connection; unique among the server's replicas. Default: random. */
+    serverId?: number;
+    /** Heartbeat of an idle binlog stream, in ms (100..3600000). Default 1000. */
+    heartbeatInterval?: number;
+    /** First reconnect delay in ms; doubles per attempt, with jitter. Default 100. */
+    reconnectMinDelay?: number;
+    /** Largest reconnect delay in ms. Default 5000. */
+    reconnectMaxDelay?: number;
+    /** Name of this streamer's capture checkpoint (1..64 characters); streamers that resume independently use different names. Default 'default'. */
+    checkpointName?: string;
+  };
   /** Embedded SQLite settings. */
   sqlite?: {
     /** 'normal' (default: survives a process crash) or 'full' (fsync per commit: survives power loss). */
@@ -111,6 +124,7 @@ export interface StreamerOptions {
 export interface ConnectionConfig {
   /** SQLite file path, or ':memory:'. Default 'ultimate-streaming.db' in the working directory. */
   path?: string;
+  /** 'sqlite:<path>', or 'mysql://user:password@host:port/database' (fields given separately win). */
   uri?: string;
   host?: string;
   port?: number;
@@ -121,7 +135,7 @@ export interface ConnectionConfig {
 
 /** The nested configuration shape. */
 export interface NestedConfig {
-  /** 'sqlite' (default), 'mysql' or 'mongodb' (not available yet). */
+  /** 'sqlite' (default), 'mysql' (MySQL/MariaDB) or 'mongodb' (not available yet). */
   database?: 'sqlite' | 'mysql' | 'mongodb';
   connection?: ConnectionConfig;
   options?: StreamerOptions;
@@ -151,7 +165,7 @@ export interface ChangeEvent<T = JsonValue> {
   version: number;
   /** Global sequence number of this streamer's deliveries. */
   seq: number;
-  /** Where the change was captured: 'sqlite'. */
+  /** Where the change was captured: 'sqlite' or 'mysql'. */
   source: string;
   /** Commit time, ms since the Unix epoch (fractional). */
   timestamp: number;
@@ -178,15 +192,32 @@ export interface LatencyStatus {
   mean: number;
 }
 
+/** The capture state of a server backend. */
+export interface SourceStatus {
+  mode: string;
+  /** The stream is down and being reconnected (exponential backoff with jitter). */
+  reconnecting: boolean;
+  /** Reconnect attempts since the stream was last live. */
+  attempts: number;
+  /** Successful reconnects since init. */
+  reconnects: number;
+  /** What init() found: version, flavor, logBin, binlogFormat, binlogRowImage, binlogRowMetadata, replicationGrants. */
+  server: Record<string, unknown>;
+  /** The last transaction boundary captured, e.g. 'binlog.000003:1234'. */
+  position: string;
+}
+
 /** What `getStatus()` returns. */
 export interface StreamerStatus {
-  /** 'idle' before init, 'starting', 'changelog' (capturing the SQLite change log), 'closed'. */
-  mode: 'idle' | 'starting' | 'changelog' | 'closed';
+  /** 'idle' before init, 'starting', 'changelog' (capturing the SQLite change log), 'binlog' (capturing the MySQL binary log), 'closed'. */
+  mode: 'idle' | 'starting' | 'changelog' | 'binlog' | 'closed';
   connected: boolean;
   initialized: boolean;
   closed: boolean;
   /** The backend, without credentials. */
-  backend: { type: string; path?: string; table?: string; synchronous?: string; host?: string; port?: number; database?: string; uri?: string };
+  backend: { type: string; path?: string; table?: string; synchronous?: string; host?: string; port?: number; database?: string; user?: string; uri?: string };
+  /** Server backends: the capture's state and what init() found on the server; null for the embedded store. */
+  source: SourceStatus | null;
   events: { captured: number; emitted: number; deduplicated: number; perSecond: number; batches: number; maxBatch: number; resyncs: number };
   latency: LatencyStatus;
   cache: { enabled: boolean; hits: number; misses: number; hitRatio: number; size: number; bytes: number; maxBytes: number; ttlMs: number };

@@ -263,14 +263,20 @@ describe('status', () => {
     expect(s.getStatus().mode).toBe('closed');
   });
 
-  test('no secret reaches getStatus', () => {
+  test('no secret reaches getStatus or config errors', () => {
+    const s = new UltimateStreamer({ dbType: 'mysql', host: '127.0.0.1', user: 'app', password: 'hunter2-secret', database: 'shop' });
+    const st = JSON.stringify(s.getStatus());
+    expect(st).toContain('shop');
+    expect(st).not.toContain('hunter2');
+    const u = new UltimateStreamer({ database: 'mysql', connection: { uri: 'mysql://app:hunter2-secret@127.0.0.1/shop' } });
+    expect(JSON.stringify(u.getStatus())).not.toContain('hunter2');
     let err;
     try {
-      new UltimateStreamer({ dbType: 'mysql', host: '127.0.0.1', user: 'app', password: 'hunter2-secret' });
+      new UltimateStreamer({ database: 'mysql', connection: { uri: 'mysql://app:hunter2-secret@127.0.0.1:port/shop' } });
     } catch (e) {
       err = e;
     }
-    expect(err.code).toBe('USP_UNSUPPORTED_BACKEND');
+    expect(err.code).toBe('USP_INVALID_CONFIG');
     expect(err.message).not.toContain('hunter2');
   });
 });

@@ -60,9 +60,8 @@ describe('USP_INVALID_CONFIG', () => {
 
 describe('USP_UNSUPPORTED_BACKEND', () => {
   test.each([
-    [{ database: 'mysql', connection: { uri: 'mysql://app:pw@127.0.0.1:3306/shop' } }],
-    [{ database: 'mongodb', connection: { uri: 'mongodb://localhost:27017/mydb' }, options: { useChangeStreams: true } }],
-    [{ dbType: 'mysql', host: '127.0.0.1', port: 3306, user: 'app', password: 'pw', database: 'shop' }],
+    [{ database: 'mongodb', connection: { uri: 'mongodb://app:pw@localhost:27017/mydb' }, options: { useChangeStreams: true } }],
+    [{ dbType: 'mongodb', host: '127.0.0.1', port: 27017, user: 'app', password: 'pw', database: 'shop' }],
   ])('%j says it is not available yet', (config) => {
     const err = throwsWithCode(() => new UltimateStreamer(config), 'USP_UNSUPPORTED_BACKEND');
     expect(err.message).toMatch(/not available yet/);

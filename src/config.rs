@@ -49,8 +49,8 @@ pub struct SqliteConfig {
     pub watch: bool,
 }
 
-/// Server connection settings (MySQL / MongoDB), kept for the backends still to come.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Server connection settings (MySQL / MongoDB).
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub uri: Option<String>,
     pub host: Option<String>,
@@ -58,6 +58,40 @@ pub struct ServerConfig {
     pub user: Option<String>,
     pub password: Secret,
     pub database: Option<String>,
+    /// The key-value table (collection) of push/get/delete. Default `usp_kv`.
+    pub table: String,
+    /// MySQL/MariaDB capture settings (`options.mysql`).
+    pub mysql: MysqlOptions,
+}
+
+/// `options.mysql`: binlog capture settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MysqlOptions {
+    /// Replication `server_id` of the binlog connection; must be unique among the server's
+    /// replicas (a duplicate disconnects the other one). Default: random in 100000..2^31.
+    pub server_id: Option<u32>,
+    /// Heartbeat the server sends on an idle binlog stream, in ms. A stream silent for longer
+    /// than this (plus a margin) is treated as dead and reconnected. Default 1000.
+    pub heartbeat_ms: u64,
+    /// First reconnect delay, in ms; it doubles per attempt (with jitter). Default 100.
+    pub reconnect_min_ms: u64,
+    /// Largest reconnect delay, in ms. Default 5000.
+    pub reconnect_max_ms: u64,
+    /// Name under which the capture checkpoint is stored (table `<table>_checkpoint`); two
+    /// streamers that must resume independently use different names. Default `default`.
+    pub checkpoint_name: String,
+}
+
+impl Default for MysqlOptions {
+    fn default() -> Self {
+        MysqlOptions {
+            server_id: None,
+            heartbeat_ms: 1000,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 5000,
+            checkpoint_name: "default".into(),
+        }
+    }
 }
 
 /// Which database the streamer runs on.
@@ -176,6 +210,14 @@ const OPTION_KEYS: &[&str] = &[
     "logLevel",
     "table",
     "sqlite",
+    "mysql",
+];
+const MYSQL_KEYS: &[&str] = &[
+    "serverId",
+    "heartbeatInterval",
+    "reconnectMinDelay",
+    "reconnectMaxDelay",
+    "checkpointName",
 ];
 const CONNECTION_KEYS: &[&str] = &[
     "uri", "host", "port", "user", "password", "database", "path",
@@ -441,7 +483,12 @@ impl Config {
                         "`{opt_path}sqlite` only applies to the sqlite backend"
                     )));
                 }
-                let server = ServerConfig {
+                if backend_name != "mysql" && opts.contains_key("mysql") {
+                    return Err(invalid(format!(
+                        "`{opt_path}mysql` only applies to the mysql backend"
+                    )));
+                }
+                let mut server = ServerConfig {
                     uri: get_str(&conn, "uri", conn_path)?.map(str::to_string),
                     host: get_str(&conn, "host", conn_path)?.map(str::to_string),
                     port: get_int(&conn, "port", conn_path, 1, 65_535)?.map(|p| p as u16),
@@ -452,7 +499,16 @@ impl Config {
                             .to_string(),
                     ),
                     database: get_str(&conn, "database", conn_path)?.map(str::to_string),
+                    table: "usp_kv".into(),
+                    mysql: MysqlOptions::default(),
                 };
+                if let Some(t) = get_str(&opts, "table", opt_path)? {
+                    validate_identifier(t, &format!("{opt_path}table"))?;
+                    server.table = t.to_string();
+                }
+                if backend_name == "mysql" {
+                    parse_mysql(&mut server, &opts, opt_path, conn_path)?;
+                }
                 if backend_name == "mysql" {
                     Backend::Mysql(server)
                 } else {
@@ -541,10 +597,140 @@ impl Config {
             }),
             Backend::Mysql(s) | Backend::Mongodb(s) => serde_json::json!({
                 "type": self.backend.name(), "host": s.host, "port": s.port, "database": s.database,
-                "uri": s.uri.as_deref().map(redact_uri),
+                "user": s.user, "table": s.table, "uri": s.uri.as_deref().map(redact_uri),
             }),
         }
     }
+}
+
+/// Fills the MySQL connection from `uri` (merged with the separate fields) and `options.mysql`.
+fn parse_mysql(
+    s: &mut ServerConfig,
+    opts: &Map<String, Value>,
+    opt_path: &str,
+    conn_path: &str,
+) -> Result<()> {
+    if let Some(uri) = s.uri.clone() {
+        let u = parse_mysql_uri(&uri).map_err(|why| {
+            invalid(format!(
+                "`{conn_path}uri` is not a MySQL URI ({why}); expected mysql://user:password@host:port/database, got {}",
+                redact_uri(&uri)
+            ))
+        })?;
+        s.host = s.host.take().or(u.host);
+        s.port = s.port.or(u.port);
+        s.user = s.user.take().or(u.user);
+        if s.password.0.is_empty() {
+            s.password = Secret(u.password.unwrap_or_default());
+        }
+        s.database = s.database.take().or(u.database);
+    }
+    match &s.database {
+        None => {
+            return Err(invalid(format!(
+                "the mysql backend needs a database: set `{conn_path}database` or put it in the URI path"
+            )))
+        }
+        Some(d) => validate_identifier(d, &format!("{conn_path}database"))?,
+    }
+    if let Some(v) = opts.get("mysql") {
+        let mo = expect_object(v, &format!("{opt_path}mysql"))?;
+        let p = format!("{opt_path}mysql.");
+        check_keys(mo, MYSQL_KEYS, &p)?;
+        if let Some(n) = get_int(mo, "serverId", &p, 1, u32::MAX as u64)? {
+            s.mysql.server_id = Some(n as u32);
+        }
+        if let Some(n) = get_int(mo, "heartbeatInterval", &p, 100, 3_600_000)? {
+            s.mysql.heartbeat_ms = n;
+        }
+        if let Some(n) = get_int(mo, "reconnectMinDelay", &p, 1, 600_000)? {
+            s.mysql.reconnect_min_ms = n;
+        }
+        if let Some(n) = get_int(mo, "reconnectMaxDelay", &p, 1, 3_600_000)? {
+            s.mysql.reconnect_max_ms = n;
+        }
+        if s.mysql.reconnect_max_ms < s.mysql.reconnect_min_ms {
+            return Err(invalid(format!(
+                "`{p}reconnectMaxDelay` must be at least `{p}reconnectMinDelay`"
+            )));
+        }
+        if let Some(n) = get_str(mo, "checkpointName", &p)? {
+            if n.is_empty() || n.len() > 64 {
+                return Err(invalid(format!(
+                    "`{p}checkpointName` must be 1 to 64 characters"
+                )));
+            }
+            s.mysql.checkpoint_name = n.to_string();
+        }
+    }
+    Ok(())
+}
+
+/// The parts of `mysql://user:password@host:port/database` (percent-decoded user and password).
+#[derive(Debug, Default, PartialEq)]
+struct UriParts {
+    user: Option<String>,
+    password: Option<String>,
+    host: Option<String>,
+    port: Option<u16>,
+    database: Option<String>,
+}
+
+fn parse_mysql_uri(uri: &str) -> std::result::Result<UriParts, &'static str> {
+    let rest = uri
+        .strip_prefix("mysql://")
+        .or_else(|| uri.strip_prefix("mariadb://"))
+        .ok_or("the scheme must be mysql:// or mariadb://")?;
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let (auth, hostpart) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    };
+    let (hostport, db) = match hostpart.find('/') {
+        Some(i) => (&hostpart[..i], Some(&hostpart[i + 1..])),
+        None => (hostpart, None),
+    };
+    let mut p = UriParts::default();
+    if let Some(a) = auth {
+        let (u, pw) = match a.find(':') {
+            Some(i) => (&a[..i], Some(&a[i + 1..])),
+            None => (a, None),
+        };
+        p.user = Some(percent_decode(u)?).filter(|s| !s.is_empty());
+        p.password = pw.map(percent_decode).transpose()?;
+    }
+    let (h, port) = match hostport.rfind(':') {
+        Some(i) if !hostport.ends_with(']') => (&hostport[..i], Some(&hostport[i + 1..])),
+        _ => (hostport, None),
+    };
+    if !h.is_empty() {
+        p.host = Some(h.trim_start_matches('[').trim_end_matches(']').to_string());
+    }
+    if let Some(port) = port {
+        p.port = Some(port.parse().map_err(|_| "the port is not a number")?);
+    }
+    p.database = db
+        .filter(|d| !d.is_empty())
+        .map(percent_decode)
+        .transpose()?;
+    Ok(p)
+}
+
+fn percent_decode(s: &str) -> std::result::Result<String, &'static str> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).ok_or("a % escape is cut short")?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| "a % escape is not hex")?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "a % escape is not UTF-8")
 }
 
 /// Removes `user:password@` from a URI.
@@ -686,6 +872,63 @@ mod tests {
         for bad in ["", "1a", "a-b", "a b", "a\"b", &"x".repeat(65)] {
             assert!(validate_identifier(bad, "t").is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn mysql_uri_and_options() {
+        let c = Config::from_json(&json!({"database": "mysql",
+            "connection": {"uri": "mysql://app:p%40ss@db.local:3307/shop"},
+            "options": {"table": "kv2", "mysql": {"serverId": 77, "heartbeatInterval": 500}}}))
+        .unwrap();
+        let Backend::Mysql(s) = &c.backend else {
+            panic!("mysql")
+        };
+        assert_eq!(s.user.as_deref(), Some("app"));
+        assert_eq!(s.password.0, "p@ss");
+        assert_eq!(s.host.as_deref(), Some("db.local"));
+        assert_eq!(s.port, Some(3307));
+        assert_eq!(s.database.as_deref(), Some("shop"));
+        assert_eq!(s.table, "kv2");
+        assert_eq!(s.mysql.server_id, Some(77));
+        assert_eq!(s.mysql.heartbeat_ms, 500);
+        assert!(!c.backend_summary().to_string().contains("p@ss"));
+        // Flat shape, no URI.
+        let c = Config::from_json(
+            &json!({"dbType": "mysql", "host": "127.0.0.1", "port": 3306,
+            "user": "u", "password": "pw", "database": "d"}),
+        )
+        .unwrap();
+        assert!(matches!(c.backend, Backend::Mysql(_)));
+        assert!(
+            err(json!({"database": "mysql", "connection": {"host": "h"}}))
+                .contains("needs a database")
+        );
+        assert!(
+            err(json!({"database": "mysql", "connection": {"uri": "postgres://x/y"}}))
+                .contains("scheme")
+        );
+        assert!(err(
+            json!({"database": "mysql", "connection": {"uri": "mysql://u:secret@h:xx/d"}})
+        )
+        .contains("port"));
+        assert!(!err(
+            json!({"database": "mysql", "connection": {"uri": "mysql://u:secret@h:xx/d"}})
+        )
+        .contains("secret"));
+        assert!(
+            err(json!({"database": "mysql", "connection": {"database": "a;drop"}}))
+                .contains("database")
+        );
+        assert!(
+            err(json!({"database": "mysql", "connection": {"database": "d"},
+            "options": {"mysql": {"serverId": 0}}}))
+            .contains("serverId")
+        );
+        assert!(err(
+            json!({"database": "mongodb", "connection": {"database": "d"},
+            "options": {"mysql": {}}})
+        )
+        .contains("only applies"));
     }
 
     #[test]

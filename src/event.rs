@@ -8,17 +8,31 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ChangeLogSeq(pub u64);
 
+/// Where a row change sits in a MySQL/MariaDB binary log: the log file's number (the digits of
+/// `binlog.000042`), the position of the rows event in that file, and the row's index within the
+/// event (one event carries many rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BinlogPosition {
+    pub file_index: u32,
+    pub event_pos: u32,
+    pub row: u32,
+}
+
 /// Where a change came from in its source's log. Typed per source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Position {
     ChangeLog(ChangeLogSeq),
+    Binlog(BinlogPosition),
 }
 
 impl Position {
     /// A totally ordered number for dedupe by source position within one source.
-    pub fn ordinal(&self) -> u64 {
+    pub fn ordinal(&self) -> u128 {
         match self {
-            Position::ChangeLog(s) => s.0,
+            Position::ChangeLog(s) => s.0 as u128,
+            Position::Binlog(b) => {
+                ((b.file_index as u128) << 64) | ((b.event_pos as u128) << 32) | b.row as u128
+            }
         }
     }
 }
@@ -80,6 +94,19 @@ impl Event {
             Event::Change(c) => Some(c.commit_ts_us),
             Event::Resync { .. } => None,
         }
+    }
+}
+
+/// Values written by other programs may not be JSON: they are delivered as a JSON string
+/// rather than breaking the batch they travel in.
+pub fn json_or_string(s: &str, key: &str) -> Arc<str> {
+    if is_valid_json(s) {
+        s.into()
+    } else {
+        tracing::warn!(key, "value is not JSON; delivered as a string");
+        serde_json::to_string(s)
+            .unwrap_or_else(|_| "null".into())
+            .into()
     }
 }
 

@@ -96,6 +96,11 @@ impl Cache {
         }
     }
 
+    /// Drops `key` (a change whose version cannot be compared with the cached one).
+    pub fn invalidate(&self, key: &str) {
+        self.inner.invalidate(key);
+    }
+
     pub fn stats(&self) -> CacheStats {
         self.inner.run_pending_tasks();
         let hits = self.hits.load(Relaxed);

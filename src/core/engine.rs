@@ -15,7 +15,9 @@ use crate::config::{Backend, Config};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::sink::BatchSink;
+use crate::source::mysql::MysqlStoreThread;
 use crate::source::sqlite::StoreThread;
+use crate::source::SourceStatus;
 use crate::store::{Completion, CompletionSink, Op};
 
 enum State {
@@ -29,6 +31,8 @@ struct Running {
     ops: SyncSender<Op>,
     ready: Arc<AtomicBool>,
     connected: Arc<AtomicBool>,
+    /// Mode and connection state of a server source (none for the embedded store).
+    source: Option<Arc<SourceStatus>>,
 }
 
 /// One streamer's engine.
@@ -73,8 +77,8 @@ impl Engine {
     pub fn new(config: Config) -> Result<Engine> {
         crate::logging::init(config.log_level.as_deref());
         match &config.backend {
-            Backend::Sqlite(_) => {}
-            Backend::Mysql(_) | Backend::Mongodb(_) => {
+            Backend::Sqlite(_) | Backend::Mysql(_) => {}
+            Backend::Mongodb(_) => {
                 return Err(Error::UnsupportedBackend(format!(
                     "database '{}' is not available yet in this version; use the embedded default (omit `database`, or 'sqlite')",
                     config.backend.name()
@@ -106,9 +110,6 @@ impl Engine {
             State::Closed => return Err(Error::Closed("init()")),
         }
         let cfg = &self.config;
-        let Backend::Sqlite(sqlite) = &cfg.backend else {
-            return Err(Error::Internal("unsupported backend reached init".into()));
-        };
         let cache = cfg
             .enable_cache
             .then(|| Cache::new(cfg.cache_max_bytes, cfg.cache_ttl_ms));
@@ -124,30 +125,57 @@ impl Engine {
         let ready = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
         let on_panic = completions.clone();
-        let store = StoreThread {
-            cfg: sqlite.clone(),
-            write_batch_size: cfg.write_batch_size,
-            core: core.clone(),
-            completions,
-            rx: ops_rx,
-            init_id: id,
-            ready: ready.clone(),
-            connected: connected.clone(),
-            sink: events,
-            batch: BatchOptions {
-                batch_size: cfg.batch_size,
-                batch_timeout: Duration::from_millis(cfg.batch_timeout_ms),
-                max_in_flight: cfg.max_in_flight_batches,
-            },
-            wake: ops_tx.clone(),
+        let batch = BatchOptions {
+            batch_size: cfg.batch_size,
+            batch_timeout: Duration::from_millis(cfg.batch_timeout_ms),
+            max_in_flight: cfg.max_in_flight_batches,
+        };
+        let mut source = None;
+        let (name, body): (&str, Box<dyn FnOnce() + Send>) = match &cfg.backend {
+            Backend::Sqlite(sqlite) => {
+                let store = StoreThread {
+                    cfg: sqlite.clone(),
+                    write_batch_size: cfg.write_batch_size,
+                    core: core.clone(),
+                    completions,
+                    rx: ops_rx,
+                    init_id: id,
+                    ready: ready.clone(),
+                    connected: connected.clone(),
+                    sink: events,
+                    batch,
+                    wake: ops_tx.clone(),
+                };
+                ("usp-sqlite", Box::new(move || store.run()))
+            }
+            Backend::Mysql(server) => {
+                let status = Arc::new(SourceStatus::default());
+                status.set_mode("starting");
+                source = Some(status.clone());
+                let store = MysqlStoreThread {
+                    server: server.clone(),
+                    write_batch_size: cfg.write_batch_size,
+                    core: core.clone(),
+                    completions,
+                    rx: ops_rx,
+                    init_id: id,
+                    ready: ready.clone(),
+                    connected: connected.clone(),
+                    sink: events,
+                    batch,
+                    status,
+                };
+                ("usp-mysql-store", Box::new(move || store.run()))
+            }
+            Backend::Mongodb(_) => {
+                return Err(Error::Internal("unsupported backend reached init".into()))
+            }
         };
         std::thread::Builder::new()
-            .name("usp-sqlite".into())
+            .name(name.into())
             .spawn(move || {
                 // A panic would leave promises unsettled; it is a bug, but never a crash.
-                if let Err(p) =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.run()))
-                {
+                if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
                     let msg = p
                         .downcast_ref::<&str>()
                         .map(|s| s.to_string())
@@ -165,6 +193,7 @@ impl Engine {
             ops: ops_tx,
             ready,
             connected,
+            source,
         });
         Ok(())
     }
@@ -285,13 +314,22 @@ impl Engine {
     pub fn status(&self) -> Value {
         let m = &self.metrics;
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut source = Value::Null;
         let (mode, initialized, closed, connected, core) = match &*st {
             State::Created => ("idle", false, false, false, None),
             State::Closed => ("closed", false, true, false, None),
             State::Running(r) => {
                 let ready = r.ready.load(Relaxed);
+                let mode = match (&r.source, ready) {
+                    (_, false) => "starting",
+                    (Some(s), true) => {
+                        source = s.to_json();
+                        s.mode()
+                    }
+                    (None, true) => "changelog",
+                };
                 (
-                    if ready { "changelog" } else { "starting" },
+                    mode,
                     ready,
                     false,
                     r.connected.load(Relaxed),
@@ -323,6 +361,7 @@ impl Engine {
             "initialized": initialized,
             "closed": closed,
             "backend": c.backend_summary(),
+            "source": source,
             "events": {
                 "captured": m.events_captured.load(Relaxed),
                 "emitted": m.events_emitted.load(Relaxed),

@@ -6,11 +6,12 @@ pub mod cache;
 pub mod engine;
 pub mod history;
 pub mod order;
+pub mod pipeline;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
-use crate::event::{Change, Event};
+use crate::event::{Change, ChangeKind, Event, Position};
 use crate::metrics::Metrics;
 use cache::{Cache, CacheEntry};
 use history::History;
@@ -73,6 +74,11 @@ impl Core {
         if let Some(cache) = &self.cache {
             // Keep cached keys current; keys nobody read are not pulled into the cache.
             for c in &admitted {
+                if c.kind == ChangeKind::Delete && matches!(c.position, Position::Binlog(_)) {
+                    // A row deleted by SQL and re-created restarts at version 1: forget it.
+                    cache.invalidate(&c.key);
+                    continue;
+                }
                 cache.refresh(
                     &c.key,
                     CacheEntry {

@@ -6,7 +6,7 @@ use lru::LruCache;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use crate::event::Change;
+use crate::event::{Change, Position};
 
 /// Why a change was or was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub enum Admission {
 /// last admitted version. Forgetting an old key is safe: its next change has a later position.
 #[derive(Debug)]
 pub struct Sequencer {
-    last_position: Option<u64>,
+    last_position: Option<u128>,
     versions: LruCache<Arc<str>, u64>,
     next_seq: u64,
 }
@@ -45,8 +45,12 @@ impl Sequencer {
         if matches!(self.last_position, Some(last) if pos <= last) {
             return Admission::DuplicatePosition;
         }
+        // A binary log is one totally ordered log of committed row changes: its positions alone
+        // dedupe, and a row written by a SQL client that did not bump `version` (or deleted and
+        // re-created) is still a new change. Other sources also check the per-key version.
+        let by_version = !matches!(c.position, Position::Binlog(_));
         if let Some(&v) = self.versions.get(&c.key) {
-            if c.version <= v {
+            if by_version && c.version <= v {
                 // Still move the position forward: this entry of the log is consumed.
                 self.last_position = Some(pos);
                 return Admission::StaleVersion;
@@ -74,7 +78,7 @@ impl Sequencer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{ChangeKind, ChangeLogSeq, Position};
+    use crate::event::{BinlogPosition, ChangeKind, ChangeLogSeq};
 
     fn ch(key: &str, version: u64, pos: u64) -> Change {
         Change {
@@ -119,6 +123,37 @@ mod tests {
         assert_eq!(s.last_version("a"), Some(4));
         // Other keys are independent.
         assert!(matches!(s.admit(&mut ch("b", 1, 5)), Admission::Accept(_)));
+    }
+
+    #[test]
+    fn binlog_positions_dedupe_without_version_check() {
+        let mut s = Sequencer::new(10);
+        let at = |event_pos: u32, row: u32, version: u64| Change {
+            position: Position::Binlog(BinlogPosition {
+                file_index: 1,
+                event_pos,
+                row,
+            }),
+            ..ch("k", version, 0)
+        };
+        assert!(matches!(s.admit(&mut at(100, 0, 5)), Admission::Accept(_)));
+        // A SQL client updated the row without bumping `version`: still a new change.
+        assert!(matches!(s.admit(&mut at(100, 1, 5)), Admission::Accept(_)));
+        // Deleted and re-created: version 1 again, later in the log.
+        assert!(matches!(s.admit(&mut at(200, 0, 1)), Admission::Accept(_)));
+        // A reconnect replays the same rows: dropped by position.
+        assert_eq!(s.admit(&mut at(100, 1, 5)), Admission::DuplicatePosition);
+        assert_eq!(s.admit(&mut at(200, 0, 1)), Admission::DuplicatePosition);
+        // A later file orders after every position of an earlier one.
+        let next_file = Change {
+            position: Position::Binlog(BinlogPosition {
+                file_index: 2,
+                event_pos: 4,
+                row: 0,
+            }),
+            ..ch("k", 2, 0)
+        };
+        assert!(matches!(s.admit(&mut { next_file }), Admission::Accept(_)));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::core::batcher::{BatchOptions, Batcher};
 use crate::core::cache::CacheEntry;
 use crate::core::Core;
 use crate::error::{Error, Result};
-use crate::event::{is_valid_json, now_us, Change, ChangeKind, ChangeLogSeq, Event, Position};
+use crate::event::{json_or_string, now_us, Change, ChangeKind, ChangeLogSeq, Event, Position};
 use crate::sink::BatchSink;
 use crate::store::{Completion, CompletionSink, Op};
 
@@ -623,7 +623,7 @@ impl Store {
             value: if deleted != 0 {
                 None
             } else {
-                v.map(|s| as_json(&s, key))
+                v.map(|s| json_or_string(&s, key))
             },
         }))
     }
@@ -663,7 +663,7 @@ impl Store {
                     };
                     let data = match (kind, r.get_ref(2)?.as_str_or_null()?) {
                         (ChangeKind::Delete, _) | (_, None) => None,
-                        (_, Some(v)) => Some(as_json(v, &key)),
+                        (_, Some(v)) => Some(json_or_string(v, &key)),
                     };
                     Ok((r.get(0)?, key, data, r.get(3)?, kind, r.get(5)?))
                 })?
@@ -748,19 +748,6 @@ impl Store {
     }
 }
 
-/// Values written by other programs may not be JSON: they are delivered as a JSON string
-/// rather than breaking the batch they travel in.
-fn as_json(s: &str, key: &str) -> Arc<str> {
-    if is_valid_json(s) {
-        s.into()
-    } else {
-        tracing::warn!(key, "value is not JSON; delivered as a string");
-        serde_json::to_string(s)
-            .unwrap_or_else(|_| "null".into())
-            .into()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -833,7 +820,7 @@ mod tests {
 
     #[test]
     fn non_json_values_become_json_strings() {
-        assert_eq!(&*as_json("{\"a\":1}", "k"), "{\"a\":1}");
-        assert_eq!(&*as_json("hello", "k"), "\"hello\"");
+        assert_eq!(&*json_or_string("{\"a\":1}", "k"), "{\"a\":1}");
+        assert_eq!(&*json_or_string("hello", "k"), "\"hello\"");
     }
 }

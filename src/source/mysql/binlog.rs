@@ -1,0 +1,623 @@
+//! Binlog capture: a blocking replication client (`mysql_cdc`) on its own thread. It reads raw
+//! packets, decodes rows only for the tables it watches (other tables' rows are skipped
+//! undecoded), turns them into `Change`s and sends them to the delivery pipeline, with a
+//! checkpoint at each transaction end. It reconnects with exponential backoff plus jitter and
+//! resumes from the last transaction end it sent: rows of a transaction cut by a disconnect are
+//! read again, and the core drops the ones already delivered by their binlog position.
+
+use mysql_cdc::binlog_client::BinlogClient;
+use mysql_cdc::binlog_options::BinlogOptions;
+use mysql_cdc::events::binlog_event::BinlogEvent;
+use mysql_cdc::events::event_header::EventHeader;
+use mysql_cdc::events::row_events::mysql_value::MySqlValue;
+use mysql_cdc::events::row_events::row_data::RowData;
+use mysql_cdc::replica_options::ReplicaOptions;
+use mysql_cdc::ssl_mode::SslMode;
+use std::collections::HashMap;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Conninfo;
+use crate::core::pipeline::SourceMsg;
+use crate::error::Error;
+use crate::event::{json_or_string, now_us, BinlogPosition, Change, ChangeKind, Position};
+use crate::metrics::Metrics;
+use crate::source::SourceStatus;
+
+/// Changes sent to the pipeline in one message at most; a large transaction streams in chunks.
+pub const CHUNK_ROWS: usize = 1000;
+
+/// Where capture resumes: a transaction boundary in the binary log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub file: String,
+    pub pos: u32,
+    /// Set when the saved checkpoint was gone and capture starts afresh from here.
+    pub resync: Option<String>,
+}
+
+impl Checkpoint {
+    pub fn describe(&self) -> String {
+        format!("{}:{}", self.file, self.pos)
+    }
+}
+
+/// The digits at the end of a binlog file name (`binlog.000042` -> 42).
+pub fn file_index(file: &str) -> u32 {
+    file.rsplit('.')
+        .next()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Column positions of the key-value table.
+#[derive(Debug, Clone, Copy)]
+struct KvColumns {
+    k: usize,
+    v: usize,
+    version: usize,
+    deleted: usize,
+    updated_at: Option<usize>,
+}
+
+impl KvColumns {
+    fn from_names(names: &[String]) -> Option<KvColumns> {
+        let at = |n: &str| names.iter().position(|c| c == n);
+        Some(KvColumns {
+            k: at("k")?,
+            v: at("v")?,
+            version: at("version")?,
+            deleted: at("deleted")?,
+            updated_at: at("updated_at"),
+        })
+    }
+}
+
+pub struct BinlogCapture {
+    pub info: Conninfo,
+    pub server_id: u32,
+    pub heartbeat: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub table: String,
+    /// The key-value table's columns in order (from information_schema at start).
+    pub columns: Vec<String>,
+    pub start: Checkpoint,
+    pub tx: SyncSender<SourceMsg<Checkpoint>>,
+    pub stop: Arc<AtomicBool>,
+    pub status: Arc<SourceStatus>,
+    pub metrics: Arc<Metrics>,
+    /// Told once: `Ok` when the first stream is live, or why the first attempt failed.
+    pub live: Option<SyncSender<Result<(), String>>>,
+}
+
+/// Why a replication session ended.
+enum End {
+    Stopped,
+    /// Network or server trouble: reconnect.
+    Retry(String),
+    /// The position is gone from the server: resync from the current end.
+    Purged(String),
+}
+
+const ER_MASTER_FATAL_ERROR_READING_BINLOG: u16 = 1236;
+
+impl BinlogCapture {
+    pub fn run(mut self) {
+        let mut cp = self.start.clone();
+        if let Some(reason) = cp.resync.take() {
+            let _ = self.tx.send(SourceMsg::Resync {
+                reason,
+                checkpoint: Some(cp.clone()),
+            });
+        }
+        let mut attempt: u32 = 0;
+        let mut from_end = false;
+        while !self.stop.load(Relaxed) {
+            let end = self.session(&mut cp, &mut attempt, from_end);
+            from_end = false;
+            if let (Some(live), End::Retry(why)) = (self.live.take(), &end) {
+                // The first connection failed: `init()` reports it instead of retrying.
+                let _ = live.send(Err(why.clone()));
+                break;
+            }
+            match end {
+                End::Stopped => break,
+                End::Purged(why) => {
+                    tracing::warn!("binlog position {} is gone: {why}; resync", cp.describe());
+                    self.metrics.record_error(&Error::Db(why.clone()));
+                    from_end = true;
+                    let reason = format!(
+                        "the binary log at {} is no longer on the server ({why}); changes since then cannot be replayed. Continuing from the current state",
+                        cp.describe()
+                    );
+                    let _ = self.tx.send(SourceMsg::Resync {
+                        reason,
+                        checkpoint: None,
+                    });
+                }
+                End::Retry(why) => {
+                    attempt += 1;
+                    self.status.reconnecting.store(true, Relaxed);
+                    self.status.attempts.store(attempt as u64, Relaxed);
+                    let e = Error::DbUnavailable(format!("binlog stream: {why}"));
+                    self.metrics.record_error(&e);
+                    tracing::warn!(attempt, "binlog stream lost: {why}; reconnecting");
+                    self.backoff(attempt);
+                }
+            }
+        }
+        tracing::debug!("binlog capture stopped");
+    }
+
+    /// Sleeps before reconnect attempt `attempt` (1-based): exponential, capped, with jitter
+    /// (between half and the full delay), in steps so a stop is noticed quickly.
+    fn backoff(&self, attempt: u32) {
+        let exp = self
+            .reconnect_min
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let cap = exp.min(self.reconnect_max);
+        let jitter = (super::rand_u32() % 1000) as f64 / 1000.0;
+        let delay = cap.mul_f64(0.5 + 0.5 * jitter);
+        let until = std::time::Instant::now() + delay;
+        while !self.stop.load(Relaxed) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10).min(delay));
+        }
+    }
+
+    fn session(&mut self, cp: &mut Checkpoint, attempt: &mut u32, from_end: bool) -> End {
+        // mysql_cdc's connect has no timeout: probe the address first with one.
+        let addr = format!("{}:{}", self.info.host, self.info.port);
+        let reachable = addr
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(3)));
+        match reachable {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return End::Retry(format!("cannot connect to {addr}: {e}")),
+            None => return End::Retry(format!("cannot resolve {addr}")),
+        }
+        let binlog = if from_end {
+            BinlogOptions::from_end()
+        } else {
+            BinlogOptions::from_position(cp.file.clone(), cp.pos)
+        };
+        let options = ReplicaOptions {
+            hostname: self.info.host.clone(),
+            port: self.info.port,
+            username: self.info.user.clone(),
+            password: self.info.password.clone(),
+            database: Some(self.info.database.clone()),
+            server_id: self.server_id,
+            blocking: true,
+            heartbeat_interval: self.heartbeat,
+            ssl_mode: SslMode::Disabled,
+            binlog,
+        };
+        let mut client = BinlogClient::new(options);
+        let mut events = match client.replicate() {
+            Ok(ev) => ev,
+            Err(e) => {
+                let msg = format!("{e:?}");
+                if msg.contains(&ER_MASTER_FATAL_ERROR_READING_BINLOG.to_string()) {
+                    return End::Purged(msg);
+                }
+                return End::Retry(msg);
+            }
+        };
+        if from_end {
+            cp.file = client.options.binlog.filename.clone();
+            cp.pos = client.options.binlog.position;
+            let _ = self.tx.send(SourceMsg::Changes {
+                changes: Vec::new(),
+                checkpoint: Some(cp.clone()),
+            });
+        }
+        if *attempt > 0 {
+            self.status.reconnects.fetch_add(1, Relaxed);
+            tracing::info!(attempt = *attempt, "binlog stream reconnected");
+        }
+        let mut file = cp.file.clone();
+        let mut tables: HashMap<u64, bool> = HashMap::new();
+        let mut kv_columns: Option<KvColumns> = KvColumns::from_names(&self.columns);
+        let mut pending: Vec<Change> = Vec::new();
+        let mut saw_rows = false;
+        let mut first = true;
+        loop {
+            if self.stop.load(Relaxed) {
+                return End::Stopped;
+            }
+            let (packet, _) = match events.channel.read_packet() {
+                Ok(p) => p,
+                Err(e) => return End::Retry(e.to_string()),
+            };
+            match packet.first() {
+                Some(0x00) => {}
+                Some(0xFF) => {
+                    let code = packet
+                        .get(1..3)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                        .unwrap_or(0);
+                    let msg = String::from_utf8_lossy(packet.get(3..).unwrap_or(&[])).to_string();
+                    if code == ER_MASTER_FATAL_ERROR_READING_BINLOG {
+                        return End::Purged(format!("server error {code}: {msg}"));
+                    }
+                    return End::Retry(format!("server error {code}: {msg}"));
+                }
+                Some(0xFE) => return End::Retry("the server ended the stream".into()),
+                _ => return End::Retry("unexpected packet".into()),
+            }
+            if first {
+                first = false;
+                if let Some(live) = self.live.take() {
+                    let _ = live.send(Ok(()));
+                }
+                *attempt = 0;
+                self.status.reconnecting.store(false, Relaxed);
+                self.status.attempts.store(0, Relaxed);
+            }
+            let Some(header) = packet.get(1..).and_then(|p| EventHeader::parse(p).ok()) else {
+                return End::Retry("malformed event header".into());
+            };
+            // Rows events of tables we do not watch are skipped without decoding.
+            if is_rows_event(header.event_type) {
+                let table_id = packet
+                    .get(20..26)
+                    .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], 0, 0]));
+                if !table_id.is_some_and(|id| tables.get(&id).copied().unwrap_or(false)) {
+                    continue;
+                }
+            }
+            let (header, event) = match events.read_event(&packet) {
+                Ok(x) => x,
+                Err(e) => {
+                    // A row this client cannot decode: skip the event, loudly; never stop.
+                    let e = Error::Db(format!("binlog event not decoded: {e:?}"));
+                    tracing::warn!("{e}");
+                    self.metrics.record_error(&e);
+                    continue;
+                }
+            };
+            let event_pos = header
+                .next_event_position
+                .saturating_sub(header.event_length);
+            match event {
+                BinlogEvent::RotateEvent(r) => {
+                    file = r.binlog_filename.clone();
+                    if header.timestamp != 0 || cp.file != file {
+                        // A real rotation: the new file starts a transaction boundary.
+                        cp.file = file.clone();
+                        cp.pos = r.binlog_position as u32;
+                    }
+                }
+                BinlogEvent::TableMapEvent(t) => {
+                    let ours = t.database_name == self.info.database && t.table_name == self.table;
+                    if ours {
+                        if let Some(names) = t
+                            .table_metadata
+                            .as_ref()
+                            .and_then(|m| m.column_names.as_ref())
+                        {
+                            if let Some(c) = KvColumns::from_names(names) {
+                                kv_columns = Some(c);
+                            }
+                        }
+                    }
+                    tables.insert(t.table_id, ours);
+                }
+                BinlogEvent::WriteRowsEvent(w) => {
+                    saw_rows = true;
+                    for (i, row) in w.rows.iter().enumerate() {
+                        if let Some(c) = kv_columns.and_then(|cols| {
+                            kv_change(cols, None, row, &file, event_pos, i, header.timestamp)
+                        }) {
+                            pending.push(c);
+                        }
+                    }
+                }
+                BinlogEvent::UpdateRowsEvent(u) => {
+                    saw_rows = true;
+                    for (i, row) in u.rows.iter().enumerate() {
+                        if let Some(c) = kv_columns.and_then(|cols| {
+                            kv_change(
+                                cols,
+                                Some(&row.before_update),
+                                &row.after_update,
+                                &file,
+                                event_pos,
+                                i,
+                                header.timestamp,
+                            )
+                        }) {
+                            pending.push(c);
+                        }
+                    }
+                }
+                BinlogEvent::DeleteRowsEvent(d) => {
+                    saw_rows = true;
+                    for (i, row) in d.rows.iter().enumerate() {
+                        if let Some(c) = kv_columns.and_then(|cols| {
+                            kv_delete(cols, row, &file, event_pos, i, header.timestamp)
+                        }) {
+                            pending.push(c);
+                        }
+                    }
+                }
+                BinlogEvent::XidEvent(_) => {
+                    self.commit(
+                        cp,
+                        &file,
+                        header.next_event_position,
+                        &mut pending,
+                        &mut saw_rows,
+                    );
+                }
+                // COMMIT of a non-transactional table, or DDL: a transaction boundary.
+                BinlogEvent::QueryEvent(q) if q.sql_statement != "BEGIN" => {
+                    self.commit(
+                        cp,
+                        &file,
+                        header.next_event_position,
+                        &mut pending,
+                        &mut saw_rows,
+                    );
+                }
+                _ => {}
+            }
+            if pending.len() >= CHUNK_ROWS {
+                let changes = std::mem::take(&mut pending);
+                if self
+                    .tx
+                    .send(SourceMsg::Changes {
+                        changes,
+                        checkpoint: None,
+                    })
+                    .is_err()
+                {
+                    return End::Stopped;
+                }
+            }
+        }
+    }
+
+    /// Ends a transaction: its changes go out with the checkpoint after it. A transaction that
+    /// touched no watched table moves no checkpoint (so our own checkpoint writes do not cause
+    /// more checkpoint writes).
+    fn commit(
+        &self,
+        cp: &mut Checkpoint,
+        file: &str,
+        next: u32,
+        pending: &mut Vec<Change>,
+        saw_rows: &mut bool,
+    ) {
+        let had = !pending.is_empty() || *saw_rows;
+        *saw_rows = false;
+        if !had {
+            return;
+        }
+        cp.file = file.to_string();
+        cp.pos = next;
+        self.status.set_position(cp.describe());
+        let changes = std::mem::take(pending);
+        let _ = self.tx.send(SourceMsg::Changes {
+            changes,
+            checkpoint: Some(cp.clone()),
+        });
+    }
+}
+
+fn is_rows_event(t: u8) -> bool {
+    matches!(t, 23..=25 | 30..=32)
+}
+
+fn text(v: Option<&Option<MySqlValue>>) -> Option<String> {
+    match v? {
+        Some(MySqlValue::String(s)) => Some(s.clone()),
+        Some(MySqlValue::Blob(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+        _ => None,
+    }
+}
+
+fn uint(v: Option<&Option<MySqlValue>>) -> Option<u64> {
+    match v? {
+        Some(MySqlValue::BigInt(n)) => Some(*n),
+        Some(MySqlValue::Int(n)) => Some(*n as u64),
+        Some(MySqlValue::MediumInt(n)) => Some(*n as u64),
+        Some(MySqlValue::SmallInt(n)) => Some(*n as u64),
+        Some(MySqlValue::TinyInt(n)) => Some(*n as u64),
+        _ => None,
+    }
+}
+
+fn commit_us(cols: KvColumns, row: &RowData, header_ts: u32) -> i64 {
+    match cols.updated_at.and_then(|i| row.cells.get(i)) {
+        Some(Some(MySqlValue::Timestamp(ms))) => *ms as i64 * 1000,
+        _ if header_ts > 0 => header_ts as i64 * 1_000_000,
+        _ => now_us(),
+    }
+}
+
+fn position(file: &str, event_pos: u32, row: usize) -> Position {
+    Position::Binlog(BinlogPosition {
+        file_index: file_index(file),
+        event_pos,
+        row: row as u32,
+    })
+}
+
+/// An insert or update of a key-value row. A tombstone write is a delete.
+fn kv_change(
+    cols: KvColumns,
+    before: Option<&RowData>,
+    after: &RowData,
+    file: &str,
+    event_pos: u32,
+    row: usize,
+    header_ts: u32,
+) -> Option<Change> {
+    let key: Arc<str> = text(after.cells.get(cols.k))?.into();
+    let version = uint(after.cells.get(cols.version)).unwrap_or(0);
+    let deleted = uint(after.cells.get(cols.deleted)).unwrap_or(0) != 0;
+    let was_live = before.map(|b| uint(b.cells.get(cols.deleted)).unwrap_or(0) == 0);
+    let kind = match (deleted, was_live) {
+        (true, Some(false)) => return None, // a tombstone rewritten: nothing a listener saw
+        (true, _) => ChangeKind::Delete,
+        (false, None) | (false, Some(false)) => ChangeKind::Insert,
+        (false, Some(true)) => ChangeKind::Update,
+    };
+    let data = if deleted {
+        None
+    } else {
+        text(after.cells.get(cols.v)).map(|s| json_or_string(&s, &key))
+    };
+    Some(Change {
+        kind,
+        key,
+        data,
+        version,
+        seq: 0,
+        position: position(file, event_pos, row),
+        source: "mysql",
+        commit_ts_us: commit_us(cols, after, header_ts),
+    })
+}
+
+/// A row removed with SQL DELETE (our own deletes keep a tombstone instead).
+fn kv_delete(
+    cols: KvColumns,
+    before: &RowData,
+    file: &str,
+    event_pos: u32,
+    row: usize,
+    header_ts: u32,
+) -> Option<Change> {
+    if uint(before.cells.get(cols.deleted)).unwrap_or(0) != 0 {
+        return None; // removing a tombstone: the key was already deleted
+    }
+    Some(Change {
+        kind: ChangeKind::Delete,
+        key: text(before.cells.get(cols.k))?.into(),
+        data: None,
+        version: uint(before.cells.get(cols.version)).unwrap_or(0) + 1,
+        seq: 0,
+        position: position(file, event_pos, row),
+        source: "mysql",
+        commit_ts_us: if header_ts > 0 {
+            header_ts as i64 * 1_000_000
+        } else {
+            now_us()
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(cells: Vec<Option<MySqlValue>>) -> RowData {
+        RowData::new(cells)
+    }
+
+    fn cols() -> KvColumns {
+        KvColumns::from_names(&["k", "v", "version", "deleted", "updated_at"].map(String::from))
+            .unwrap()
+    }
+
+    fn kv(k: &str, v: Option<&str>, version: u64, deleted: u8) -> RowData {
+        row(vec![
+            Some(MySqlValue::String(k.into())),
+            v.map(|v| MySqlValue::Blob(v.as_bytes().to_vec())),
+            Some(MySqlValue::BigInt(version)),
+            Some(MySqlValue::TinyInt(deleted)),
+            Some(MySqlValue::Timestamp(1_700_000_000_123)),
+        ])
+    }
+
+    #[test]
+    fn file_index_is_the_numeric_suffix() {
+        assert_eq!(file_index("binlog.000042"), 42);
+        assert_eq!(file_index("mysql-bin.1"), 1);
+        assert_eq!(file_index("weird"), 0);
+    }
+
+    #[test]
+    fn rows_become_changes_of_the_right_kind() {
+        let c = cols();
+        let ins = kv_change(
+            c,
+            None,
+            &kv("a", Some("{\"x\":1}"), 1, 0),
+            "b.000001",
+            100,
+            0,
+            0,
+        )
+        .unwrap();
+        assert_eq!(ins.kind, ChangeKind::Insert);
+        assert_eq!(ins.data.as_deref(), Some("{\"x\":1}"));
+        assert_eq!(ins.commit_ts_us, 1_700_000_000_123_000);
+        let upd = kv_change(
+            c,
+            Some(&kv("a", Some("1"), 1, 0)),
+            &kv("a", Some("2"), 2, 0),
+            "b.000001",
+            200,
+            0,
+            0,
+        )
+        .unwrap();
+        assert_eq!((upd.kind, upd.version), (ChangeKind::Update, 2));
+        let tomb = kv_change(
+            c,
+            Some(&kv("a", Some("2"), 2, 0)),
+            &kv("a", None, 3, 1),
+            "b.000001",
+            300,
+            0,
+            0,
+        )
+        .unwrap();
+        assert_eq!((tomb.kind, tomb.data.is_none()), (ChangeKind::Delete, true));
+        // Re-created after a tombstone: an insert.
+        let again = kv_change(
+            c,
+            Some(&kv("a", None, 3, 1)),
+            &kv("a", Some("\"hi\""), 4, 0),
+            "b.000001",
+            400,
+            0,
+            0,
+        )
+        .unwrap();
+        assert_eq!(again.kind, ChangeKind::Insert);
+        // Non-JSON text written by SQL arrives as a JSON string.
+        let raw = kv_change(
+            c,
+            None,
+            &kv("b", Some("plain"), 1, 0),
+            "b.000001",
+            500,
+            0,
+            0,
+        )
+        .unwrap();
+        assert_eq!(raw.data.as_deref(), Some("\"plain\""));
+        // SQL DELETE of a live row; of a tombstone: nothing.
+        let del = kv_delete(c, &kv("a", Some("1"), 4, 0), "b.000001", 600, 0, 5).unwrap();
+        assert_eq!((del.kind, del.version), (ChangeKind::Delete, 5));
+        assert!(kv_delete(c, &kv("a", None, 4, 1), "b.000001", 700, 0, 5).is_none());
+    }
+
+    #[test]
+    fn positions_order_rows_within_and_across_files() {
+        let p = |f: &str, e: u32, r: usize| position(f, e, r).ordinal();
+        assert!(p("b.000001", 100, 0) < p("b.000001", 100, 1));
+        assert!(p("b.000001", 100, 999) < p("b.000001", 101, 0));
+        assert!(p("b.000001", u32::MAX, 0) < p("b.000002", 4, 0));
+    }
+}

@@ -1,0 +1,807 @@
+//! MySQL/MariaDB backend. Store operations (push/get/delete) run on one thread with an async
+//! client (`mysql_async` on a single-threaded tokio runtime); changes are captured from the
+//! binary log by `binlog` on another thread and delivered through a `Pipeline`. A write's own
+//! change reaches listeners the same way as anyone else's: through the binlog, once.
+//!
+//! Server prerequisites for binlog capture: `log_bin=ON`, `binlog_format=ROW`,
+//! `binlog_row_image=FULL`, and a user with REPLICATION SLAVE and REPLICATION CLIENT (MariaDB:
+//! BINLOG MONITOR). TLS is not supported by the capture client: a server that requires TLS is
+//! refused at `init()` with a clear error.
+
+pub mod binlog;
+
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Opts, OptsBuilder, TxOpts, Value as SqlValue};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::ServerConfig;
+use crate::core::batcher::BatchOptions;
+use crate::core::cache::CacheEntry;
+use crate::core::pipeline::Pipeline;
+use crate::core::Core;
+use crate::error::{Error, Result};
+use crate::event::json_or_string;
+use crate::sink::BatchSink;
+use crate::source::SourceStatus;
+use crate::store::{Completion, CompletionSink, Op};
+use binlog::{BinlogCapture, Checkpoint};
+
+/// How long `init()` waits for the server before failing with `USP_DB_UNAVAILABLE`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a changed capture checkpoint is written to the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// Largest multi-row statement we build, in bytes of values (well under `max_allowed_packet`).
+const MAX_STATEMENT_BYTES: usize = 4 << 20;
+/// Messages (each up to `CHUNK_ROWS` changes) waiting between capture and delivery.
+const PIPELINE_CAPACITY: usize = 64;
+
+/// Connection settings with the URI already merged (see `config`).
+#[derive(Clone)]
+pub struct Conninfo {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+}
+
+impl Conninfo {
+    pub fn from_config(s: &ServerConfig) -> Conninfo {
+        Conninfo {
+            host: s.host.clone().unwrap_or_else(|| "127.0.0.1".into()),
+            port: s.port.unwrap_or(3306),
+            user: s.user.clone().unwrap_or_else(|| "root".into()),
+            password: s.password.0.clone(),
+            database: s.database.clone().unwrap_or_default(),
+        }
+    }
+
+    fn opts(&self) -> Opts {
+        OptsBuilder::default()
+            .ip_or_hostname(self.host.clone())
+            .tcp_port(self.port)
+            .user(Some(self.user.clone()))
+            .pass(Some(self.password.clone()))
+            .db_name(Some(self.database.clone()))
+            .prefer_socket(false)
+            .stmt_cache_size(64)
+            .into()
+    }
+}
+
+/// Maps a client error to ours. Never includes the password (the driver never prints it).
+pub fn sql_error(e: mysql_async::Error, what: &str) -> Error {
+    match &e {
+        mysql_async::Error::Server(s) => match s.code {
+            // Access denied, unknown database: retrying cannot help.
+            1044 | 1045 | 1049 | 1698 => Error::Db(format!(
+                "{what}: the server refused the connection ({} {}); check user, password and database",
+                s.code, s.message
+            )),
+            1205 | 1213 => Error::DbBusy(format!(
+                "{what}: {} (lock wait or deadlock); retry the call",
+                s.message
+            )),
+            3159 => Error::Db(format!(
+                "{what}: the server requires TLS, which this version does not support ({})",
+                s.message
+            )),
+            _ => Error::Db(format!("{what}: server error {}: {}", s.code, s.message)),
+        },
+        mysql_async::Error::Io(_) => Error::DbUnavailable(format!(
+            "{what}: the MySQL server is not reachable ({e}); the connection is retried on the next call"
+        )),
+        _ => Error::Db(format!("{what}: {e}")),
+    }
+}
+
+/// The statements of the key-value table, built once from the validated table name.
+struct Sql {
+    table: String,
+    get_prefix: String,
+    lock_prefix: String,
+    upsert_prefix: String,
+    upsert_suffix: &'static str,
+    delete_prefix: String,
+    save_checkpoint: String,
+}
+
+impl Sql {
+    fn new(t: &str) -> Sql {
+        Sql {
+            table: t.into(),
+            get_prefix: format!("SELECT k, v, version, deleted FROM `{t}` WHERE k IN ("),
+            lock_prefix: format!("SELECT k, version, deleted FROM `{t}` WHERE k IN ("),
+            upsert_prefix: format!("INSERT INTO `{t}` (k, v, version, deleted) VALUES "),
+            upsert_suffix: " ON DUPLICATE KEY UPDATE v = VALUES(v), version = version + 1, deleted = 0, updated_at = CURRENT_TIMESTAMP(6)",
+            delete_prefix: format!(
+                "UPDATE `{t}` SET v = NULL, version = version + 1, deleted = 1, updated_at = CURRENT_TIMESTAMP(6) WHERE deleted = 0 AND k IN ("
+            ),
+            save_checkpoint: format!(
+                "INSERT INTO `{t}_checkpoint` (name, file, pos) VALUES (?, ?, ?) ON DUPLICATE KEY UPDATE file = VALUES(file), pos = VALUES(pos)"
+            ),
+        }
+    }
+
+    fn schema(&self, mariadb: bool) -> Vec<String> {
+        let t = &self.table;
+        // Keys compare byte for byte and without trailing-space padding: 'a' and 'a ' and 'A'
+        // are three keys.
+        let key_collation = if mariadb {
+            "utf8mb4_nopad_bin"
+        } else {
+            "utf8mb4_0900_bin"
+        };
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS `{t}` (
+                   k VARCHAR(191) CHARACTER SET utf8mb4 COLLATE {key_collation} NOT NULL PRIMARY KEY,
+                   v LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+                   version BIGINT UNSIGNED NOT NULL DEFAULT 1,
+                   deleted TINYINT NOT NULL DEFAULT 0,
+                   updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+                   KEY `{t}_updated` (updated_at, k)
+                 ) ENGINE=InnoDB"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS `{t}_checkpoint` (
+                   name VARCHAR(64) NOT NULL PRIMARY KEY,
+                   file VARCHAR(255) NOT NULL,
+                   pos BIGINT UNSIGNED NOT NULL,
+                   updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)
+                 ) ENGINE=InnoDB"
+            ),
+        ]
+    }
+}
+
+fn placeholders(n: usize) -> String {
+    let mut s = String::with_capacity(n * 2);
+    for i in 0..n {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push('?');
+    }
+    s
+}
+
+/// What `init()` found on the server.
+#[derive(Debug, Clone)]
+pub struct ServerFacts {
+    pub version: String,
+    pub mariadb: bool,
+    pub log_bin: bool,
+    pub binlog_format: String,
+    pub binlog_row_image: String,
+    pub binlog_row_metadata: Option<String>,
+    pub replication_grants: bool,
+}
+
+impl ServerFacts {
+    /// Why binlog capture cannot run, if it cannot.
+    pub fn binlog_problem(&self) -> Option<String> {
+        if !self.log_bin {
+            return Some("binary logging is off (start the server with log_bin)".into());
+        }
+        if !self.binlog_format.eq_ignore_ascii_case("ROW") {
+            return Some(format!(
+                "binlog_format is {}; ROW is needed",
+                self.binlog_format
+            ));
+        }
+        if !self.binlog_row_image.eq_ignore_ascii_case("FULL") {
+            return Some(format!(
+                "binlog_row_image is {}; FULL is needed",
+                self.binlog_row_image
+            ));
+        }
+        if !self.replication_grants {
+            return Some(
+                "the user lacks REPLICATION SLAVE and REPLICATION CLIENT (BINLOG MONITOR) privileges"
+                    .into(),
+            );
+        }
+        None
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "version": self.version,
+            "flavor": if self.mariadb { "mariadb" } else { "mysql" },
+            "logBin": self.log_bin,
+            "binlogFormat": self.binlog_format,
+            "binlogRowImage": self.binlog_row_image,
+            "binlogRowMetadata": self.binlog_row_metadata,
+            "replicationGrants": self.replication_grants,
+        })
+    }
+}
+
+async fn server_facts(conn: &mut Conn) -> Result<ServerFacts> {
+    let e = |e| sql_error(e, "reading server settings");
+    type Settings = (String, Option<String>, Option<String>, Option<String>);
+    let row: Option<Settings> = conn
+        .query_first("SELECT @@version, @@log_bin, @@binlog_format, @@binlog_row_image")
+        .await
+        .map_err(e)?;
+    let (version, log_bin, format, image) = row.unwrap_or_default();
+    // Older servers have no binlog_row_metadata.
+    let metadata: Option<String> = conn
+        .query_first::<Option<String>, _>("SELECT @@binlog_row_metadata")
+        .await
+        .ok()
+        .flatten()
+        .flatten();
+    let grants: Vec<String> = conn.query("SHOW GRANTS").await.map_err(e)?;
+    let has = |p: &str| {
+        grants.iter().any(|g| {
+            let g = g.to_ascii_uppercase();
+            g.contains(" ON *.*") && (g.contains(p) || g.contains("ALL PRIVILEGES"))
+        })
+    };
+    let replication_grants =
+        has("REPLICATION SLAVE") && (has("REPLICATION CLIENT") || has("BINLOG MONITOR"));
+    Ok(ServerFacts {
+        mariadb: version.to_ascii_lowercase().contains("mariadb"),
+        version,
+        log_bin: matches!(log_bin.as_deref(), Some("1") | Some("ON")),
+        binlog_format: format.unwrap_or_default(),
+        binlog_row_image: image.unwrap_or_default(),
+        binlog_row_metadata: metadata,
+        replication_grants,
+    })
+}
+
+/// Everything the MySQL store thread needs.
+pub struct MysqlStoreThread {
+    pub server: ServerConfig,
+    pub write_batch_size: usize,
+    pub core: Arc<Core>,
+    pub completions: Arc<dyn CompletionSink>,
+    pub rx: Receiver<Op>,
+    pub init_id: u32,
+    pub ready: Arc<AtomicBool>,
+    pub connected: Arc<AtomicBool>,
+    pub sink: Arc<dyn BatchSink>,
+    pub batch: BatchOptions,
+    pub status: Arc<SourceStatus>,
+}
+
+struct Store {
+    info: Conninfo,
+    conn: Option<Conn>,
+    sql: Sql,
+    core: Arc<Core>,
+    checkpoint_name: String,
+    saved: Option<Checkpoint>,
+}
+
+impl MysqlStoreThread {
+    pub fn run(self) {
+        let MysqlStoreThread {
+            server,
+            write_batch_size,
+            core,
+            completions,
+            rx,
+            init_id,
+            ready,
+            connected,
+            sink,
+            batch,
+            status,
+        } = self;
+        let fail = |e: Error, rx: Receiver<Op>| {
+            tracing::debug!(code = e.code(), "mysql store failed to start: {e}");
+            drop(rx);
+            core.metrics.record_error(&e);
+            completions.complete(vec![Completion::Failed {
+                id: init_id,
+                error: e,
+            }]);
+        };
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => return fail(Error::Internal(format!("tokio runtime: {e}")), rx),
+        };
+        let info = Conninfo::from_config(&server);
+        let mut store = Store {
+            info: info.clone(),
+            conn: None,
+            sql: Sql::new(&server.table),
+            core: core.clone(),
+            checkpoint_name: server.mysql.checkpoint_name.clone(),
+            saved: None,
+        };
+        let started = rt.block_on(store.start(&status));
+        let (facts, start, columns) = match started {
+            Ok(s) => s,
+            Err(e) => return fail(e, rx),
+        };
+        connected.store(true, Relaxed);
+        let pipeline = match Pipeline::start(
+            "usp-mysql-delivery",
+            core.clone(),
+            sink,
+            batch,
+            PIPELINE_CAPACITY,
+            Some(start.clone()),
+        ) {
+            Ok(p) => p,
+            Err(e) => return fail(Error::Internal(format!("delivery thread: {e}")), rx),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (live_tx, live_rx) = std::sync::mpsc::sync_channel(1);
+        let capture = BinlogCapture {
+            info: info.clone(),
+            server_id: server
+                .mysql
+                .server_id
+                .unwrap_or_else(|| 100_000 + rand_u32() % 2_000_000_000),
+            heartbeat: Duration::from_millis(server.mysql.heartbeat_ms),
+            reconnect_min: Duration::from_millis(server.mysql.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(server.mysql.reconnect_max_ms),
+            table: server.table.clone(),
+            columns,
+            start,
+            tx: pipeline.sender(),
+            stop: stop.clone(),
+            status: status.clone(),
+            metrics: core.metrics.clone(),
+            live: Some(live_tx),
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("usp-mysql-binlog".into())
+            .spawn(move || capture.run())
+        {
+            pipeline.stop();
+            return fail(Error::Internal(format!("binlog thread: {e}")), rx);
+        }
+        // `init()` resolves once the binlog stream is live, so no change after it is late.
+        let live = live_rx
+            .recv_timeout(CONNECT_TIMEOUT)
+            .unwrap_or_else(|_| Err("the binlog stream did not start in time".into()));
+        if let Err(why) = live {
+            stop.store(true, Relaxed);
+            pipeline.stop();
+            return fail(
+                Error::Db(format!(
+                    "binlog capture could not start: {why}. Check that the user has REPLICATION SLAVE and that serverId is unique"
+                )),
+                rx,
+            );
+        }
+        status.set_mode("binlog");
+        tracing::info!(table = %server.table, version = %facts.version, "mysql store ready (binlog capture)");
+        ready.store(true, Relaxed);
+        completions.complete(vec![Completion::Ready { id: init_id }]);
+
+        let mut shutdown = None;
+        let mut last_save = Instant::now();
+        while shutdown.is_none() {
+            match rx.recv_timeout(CHECKPOINT_EVERY) {
+                Ok(op) => {
+                    let mut ops = vec![op];
+                    while ops.len() < write_batch_size {
+                        match rx.try_recv() {
+                            Ok(op) => ops.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    ops.retain(|o| !matches!(o, Op::Wake));
+                    core.metrics.write_queue_depth.fetch_sub(ops.len(), Relaxed);
+                    let (done, stop_id) = rt.block_on(store.execute(ops));
+                    shutdown = stop_id;
+                    connected.store(store.conn.is_some(), Relaxed);
+                    if !done.is_empty() {
+                        completions.complete(done);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if last_save.elapsed() >= CHECKPOINT_EVERY {
+                last_save = Instant::now();
+                if let Some(cp) = pipeline.delivered() {
+                    rt.block_on(store.save_checkpoint(&cp));
+                }
+            }
+        }
+        // Capture stops sending; what it already sent is delivered; the final checkpoint is
+        // where the next streamer resumes.
+        stop.store(true, Relaxed);
+        let last = pipeline.stop();
+        if let Some(cp) = last {
+            rt.block_on(store.save_checkpoint(&cp));
+        }
+        let mut refused = Vec::new();
+        while let Ok(op) = rx.try_recv() {
+            if let Some(id) = op_id(&op) {
+                core.metrics.write_queue_depth.fetch_sub(1, Relaxed);
+                refused.push(Completion::Failed {
+                    id,
+                    error: Error::Closed("an operation queued"),
+                });
+            }
+        }
+        drop(rx);
+        if let Some(c) = store.conn.take() {
+            let _ = rt.block_on(c.disconnect());
+        }
+        connected.store(false, Relaxed);
+        status.set_mode("closed");
+        tracing::info!("mysql store stopped");
+        if let Some(id) = shutdown {
+            refused.push(Completion::Closed { id });
+        }
+        if !refused.is_empty() {
+            completions.complete(refused);
+        }
+    }
+}
+
+fn op_id(op: &Op) -> Option<u32> {
+    match op {
+        Op::Put { id, .. } | Op::Delete { id, .. } | Op::Get { id, .. } => Some(*id),
+        Op::Shutdown { .. } | Op::Wake => None,
+    }
+}
+
+/// A pseudo-random number for the default replication server id (no cryptographic need).
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}
+
+impl Store {
+    async fn conn(&mut self) -> Result<&mut Conn> {
+        if self.conn.is_none() {
+            let c = tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(self.info.opts()))
+                .await
+                .map_err(|_| {
+                    Error::DbUnavailable(format!(
+                        "connecting to MySQL at {}:{} timed out after {}s",
+                        self.info.host,
+                        self.info.port,
+                        CONNECT_TIMEOUT.as_secs()
+                    ))
+                })?
+                .map_err(|e| sql_error(e, "connecting to MySQL"))?;
+            self.conn = Some(c);
+        }
+        Ok(self.conn.as_mut().expect("set above"))
+    }
+
+    /// Checks the server, creates the tables, and finds where capture starts.
+    async fn start(
+        &mut self,
+        status: &SourceStatus,
+    ) -> Result<(ServerFacts, Checkpoint, Vec<String>)> {
+        let facts = server_facts(self.conn().await?).await?;
+        status.set_server(facts.to_json());
+        if let Some(why) = facts.binlog_problem() {
+            return Err(Error::Db(format!(
+                "binlog capture is not possible: {why}. The polling fallback is not available yet in this version"
+            )));
+        }
+        let statements = self.sql.schema(facts.mariadb);
+        for s in statements {
+            self.conn()
+                .await?
+                .query_drop(s)
+                .await
+                .map_err(|e| sql_error(e, "creating the key-value table"))?;
+        }
+        let table = self.sql.table.clone();
+        let db = self.info.database.clone();
+        let name = self.checkpoint_name.clone();
+        let conn = self.conn().await?;
+        let columns: Vec<String> = conn
+            .exec(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+                (db, table.clone()),
+            )
+            .await
+            .map_err(|e| sql_error(e, "reading the table's columns"))?;
+        for needed in ["k", "v", "version", "deleted"] {
+            if !columns.iter().any(|c| c == needed) {
+                return Err(Error::Db(format!(
+                    "table `{table}` exists without column `{needed}`; point option `table` at a new table name"
+                )));
+            }
+        }
+        let saved: Option<(String, u64)> = conn
+            .exec_first(
+                format!("SELECT file, pos FROM `{table}_checkpoint` WHERE name = ?"),
+                (name,),
+            )
+            .await
+            .map_err(|e| sql_error(e, "reading the capture checkpoint"))?;
+        let logs: Vec<(String, u64)> = conn
+            .query("SHOW BINARY LOGS")
+            .await
+            .map_err(|e| sql_error(e, "listing binary logs"))?;
+        let current: Option<(String, u64)> = logs.last().cloned();
+        let start = match saved {
+            Some((file, pos)) if logs.iter().any(|(f, _)| *f == file) => Checkpoint {
+                file,
+                pos: pos as u32,
+                resync: None,
+            },
+            Some((file, pos)) => {
+                let (cf, cp) = current.clone().unwrap_or_default();
+                tracing::warn!(
+                    file,
+                    pos,
+                    "capture checkpoint was purged from the binary logs: resync"
+                );
+                Checkpoint {
+                    file: cf,
+                    pos: cp as u32,
+                    resync: Some(format!(
+                        "the binary log {file} holding this streamer's checkpoint ({file}:{pos}) was purged; changes since then cannot be replayed. Continuing from the current state"
+                    )),
+                }
+            }
+            None => {
+                let (file, pos) = current.unwrap_or_default();
+                Checkpoint {
+                    file,
+                    pos: pos as u32,
+                    resync: None,
+                }
+            }
+        };
+        // The starting point is saved at once: a streamer closed before any change still
+        // resumes here.
+        self.save_checkpoint(&start).await;
+        Ok((facts, start, columns))
+    }
+
+    async fn save_checkpoint(&mut self, cp: &Checkpoint) {
+        if self.saved.as_ref() == Some(cp) {
+            return;
+        }
+        let stmt = self.sql.save_checkpoint.clone();
+        let params = (self.checkpoint_name.clone(), cp.file.clone(), cp.pos as u64);
+        let r = match self.conn().await {
+            Ok(c) => c
+                .exec_drop(stmt, params)
+                .await
+                .map_err(|e| sql_error(e, "saving the checkpoint")),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => self.saved = Some(cp.clone()),
+            Err(e) => {
+                self.drop_conn_on_io(&e);
+                tracing::warn!(code = e.code(), "capture checkpoint not saved: {e}");
+            }
+        }
+    }
+
+    fn drop_conn_on_io(&mut self, e: &Error) {
+        if matches!(e, Error::DbUnavailable(_)) {
+            self.conn = None;
+        }
+    }
+
+    /// Runs a batch of operations: all writes in one transaction, then the reads.
+    async fn execute(&mut self, ops: Vec<Op>) -> (Vec<Completion>, Option<u32>) {
+        let mut writes = Vec::new();
+        let mut reads = Vec::new();
+        let mut shutdown = None;
+        for op in ops {
+            match op {
+                Op::Put { .. } | Op::Delete { .. } => writes.push(op),
+                Op::Get { id, key } => reads.push((id, key)),
+                Op::Shutdown { id } => shutdown = Some(id),
+                Op::Wake => {}
+            }
+        }
+        let mut done = Vec::with_capacity(writes.len() + reads.len());
+        if !writes.is_empty() {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.write(&writes).await {
+                    Ok(c) => {
+                        done.extend(c);
+                        break;
+                    }
+                    Err(e) if matches!(e, Error::DbBusy(_)) && attempt < 3 => continue,
+                    Err(e) => {
+                        self.drop_conn_on_io(&e);
+                        self.core.metrics.record_error(&e);
+                        for op in &writes {
+                            if let Some(id) = op_id(op) {
+                                done.push(Completion::Failed {
+                                    id,
+                                    error: e.clone(),
+                                });
+                            }
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        if !reads.is_empty() {
+            match self.read(&reads).await {
+                Ok(c) => done.extend(c),
+                Err(e) => {
+                    self.drop_conn_on_io(&e);
+                    self.core.metrics.record_error(&e);
+                    for (id, _) in &reads {
+                        done.push(Completion::Failed {
+                            id: *id,
+                            error: e.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        (done, shutdown)
+    }
+
+    /// One transaction: lock the rows, apply puts and deletes as multi-row statements in call
+    /// order, and compute each call's version from the locked rows (exact, since nobody else can
+    /// change them until commit).
+    async fn write(&mut self, writes: &[Op]) -> Result<Vec<Completion>> {
+        let mut keys: Vec<&str> = Vec::with_capacity(writes.len());
+        for op in writes {
+            if let Op::Put { key, .. } | Op::Delete { key, .. } = op {
+                keys.push(key);
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let lock = format!(
+            "{}{}) FOR UPDATE",
+            self.sql.lock_prefix,
+            placeholders(keys.len())
+        );
+        let upsert_prefix = self.sql.upsert_prefix.clone();
+        let upsert_suffix = self.sql.upsert_suffix;
+        let delete_prefix = self.sql.delete_prefix.clone();
+        let conn = self.conn().await?;
+        let e = |e| sql_error(e, "writing");
+        let mut tx = conn.start_transaction(TxOpts::default()).await.map_err(e)?;
+        let rows: Vec<(String, u64, i8)> = tx
+            .exec(
+                lock,
+                keys.iter().map(|k| SqlValue::from(*k)).collect::<Vec<_>>(),
+            )
+            .await
+            .map_err(e)?;
+        // key -> (version, deleted), as the statements below will leave it.
+        let mut state: HashMap<String, (u64, bool)> =
+            rows.into_iter().map(|(k, v, d)| (k, (v, d != 0))).collect();
+        let mut done = Vec::with_capacity(writes.len());
+        // What the cache learns at commit: (key, version, value), for read-your-writes before
+        // the binlog brings the same change.
+        let mut learned: Vec<(Arc<str>, u64, Option<Arc<str>>)> = Vec::new();
+        let mut i = 0;
+        while i < writes.len() {
+            match &writes[i] {
+                Op::Put { .. } => {
+                    let mut params: Vec<SqlValue> = Vec::new();
+                    let mut bytes = 0;
+                    let mut n = 0;
+                    while let Some(Op::Put { id, key, json }) = writes.get(i) {
+                        if n > 0 && bytes + json.len() > MAX_STATEMENT_BYTES {
+                            break;
+                        }
+                        bytes += json.len() + key.len();
+                        params.push(SqlValue::from(&**key));
+                        params.push(SqlValue::from(json.as_str()));
+                        let entry = state.entry(key.to_string()).or_insert((0, false));
+                        entry.0 += 1;
+                        entry.1 = false;
+                        done.push(Completion::Pushed {
+                            id: *id,
+                            version: entry.0,
+                        });
+                        learned.push((key.clone(), entry.0, Some(json.as_str().into())));
+                        n += 1;
+                        i += 1;
+                    }
+                    let mut stmt = String::with_capacity(upsert_prefix.len() + n * 12 + 120);
+                    stmt.push_str(&upsert_prefix);
+                    for j in 0..n {
+                        stmt.push_str(if j == 0 {
+                            "(?, ?, 1, 0)"
+                        } else {
+                            ",(?, ?, 1, 0)"
+                        });
+                    }
+                    stmt.push_str(upsert_suffix);
+                    tx.exec_drop(stmt, params).await.map_err(e)?;
+                }
+                Op::Delete { .. } => {
+                    let mut params: Vec<SqlValue> = Vec::new();
+                    while let Some(Op::Delete { id, key }) = writes.get(i) {
+                        let existed = match state.get_mut(&**key) {
+                            Some(s) if !s.1 => {
+                                s.0 += 1;
+                                s.1 = true;
+                                learned.push((key.clone(), s.0, None));
+                                true
+                            }
+                            _ => false,
+                        };
+                        params.push(SqlValue::from(&**key));
+                        done.push(Completion::Deleted { id: *id, existed });
+                        i += 1;
+                    }
+                    let stmt = format!("{}{})", delete_prefix, placeholders(params.len()));
+                    tx.exec_drop(stmt, params).await.map_err(e)?;
+                }
+                _ => i += 1,
+            }
+        }
+        tx.commit().await.map_err(e)?;
+        if let Some(cache) = &self.core.cache {
+            for (key, version, value) in learned {
+                cache.refresh(&key, CacheEntry { version, value });
+            }
+        }
+        let m = &self.core.metrics;
+        m.transactions.fetch_add(1, Relaxed);
+        m.writes.fetch_add(done.len() as u64, Relaxed);
+        Ok(done)
+    }
+
+    async fn read(&mut self, reads: &[(u32, Arc<str>)]) -> Result<Vec<Completion>> {
+        let mut keys: Vec<&str> = reads.iter().map(|(_, k)| &**k).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let stmt = format!("{}{})", self.sql.get_prefix, placeholders(keys.len()));
+        let conn = self.conn().await?;
+        let rows: Vec<(String, Option<String>, u64, i8)> = conn
+            .exec(
+                stmt,
+                keys.iter().map(|k| SqlValue::from(*k)).collect::<Vec<_>>(),
+            )
+            .await
+            .map_err(|e| sql_error(e, "reading"))?;
+        let found: HashMap<String, CacheEntry> = rows
+            .into_iter()
+            .map(|(k, v, version, deleted)| {
+                let value = if deleted != 0 {
+                    None
+                } else {
+                    v.map(|s| json_or_string(&s, &k))
+                };
+                (k, CacheEntry { version, value })
+            })
+            .collect();
+        Ok(reads
+            .iter()
+            .map(|(id, key)| {
+                let value = found.get(&**key).and_then(|e| e.value.clone());
+                if let Some(e) = found.get(&**key) {
+                    self.core.fill_cache(key.clone(), e.clone());
+                }
+                Completion::Got { id: *id, value }
+            })
+            .collect())
+    }
+}
