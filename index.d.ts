@@ -209,8 +209,8 @@ export interface SourceStatus {
 
 /** What `getStatus()` returns. */
 export interface StreamerStatus {
-  /** 'idle' before init, 'starting', 'changelog' (capturing the SQLite change log), 'binlog' (capturing the MySQL binary log), 'closed'. */
-  mode: 'idle' | 'starting' | 'changelog' | 'binlog' | 'closed';
+  /** 'idle' before init, 'starting', 'changelog' (capturing the SQLite change log), 'binlog' (capturing the MySQL binary log), 'failed' (capture stopped on an internal error, see `errors.last`), 'closed'. */
+  mode: 'idle' | 'starting' | 'changelog' | 'binlog' | 'failed' | 'closed';
   connected: boolean;
   initialized: boolean;
   closed: boolean;

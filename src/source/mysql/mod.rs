@@ -359,9 +359,25 @@ impl MysqlStoreThread {
             metrics: core.metrics.clone(),
             live: Some(live_tx),
         };
+        let (guard_status, guard_metrics) = (status.clone(), core.metrics.clone());
         if let Err(e) = std::thread::Builder::new()
             .name("usp-mysql-binlog".into())
-            .spawn(move || capture.run())
+            .spawn(move || {
+                // A panic in the binlog decoder stops capture; it must be loud, never silent.
+                if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| capture.run())) {
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "panic".into());
+                    let e = Error::Internal(format!(
+                        "binlog capture stopped: {msg}; changes after the saved checkpoint are delivered by the next streamer"
+                    ));
+                    tracing::error!("{e}");
+                    guard_metrics.record_error(&e);
+                    guard_status.set_mode("failed");
+                }
+            })
         {
             pipeline.stop();
             return fail(Error::Internal(format!("binlog thread: {e}")), rx);
