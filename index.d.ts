@@ -102,6 +102,8 @@ export interface StreamerOptions {
     reconnectMinDelay?: number;
     /** Largest reconnect delay in ms. Default 5000. */
     reconnectMaxDelay?: number;
+    /** In polling mode, how often binlog capture is tried again, in ms (100..86400000). Default 30000. */
+    fastPathRetry?: number;
     /** Name of this streamer's capture checkpoint (1..64 characters); streamers that resume independently use different names. Default 'default'. */
     checkpointName?: string;
   };
@@ -182,6 +184,14 @@ export interface ResyncEvent {
   to: number;
 }
 
+/** The source changed how it captures changes, and why. */
+export interface ModeEvent {
+  type: 'mode';
+  source: string;
+  mode: 'binlog' | 'polling';
+  reason: string;
+}
+
 /** A latency summary in milliseconds, from commit to hand-off to JavaScript. */
 export interface LatencyStatus {
   count: number;
@@ -209,8 +219,8 @@ export interface SourceStatus {
 
 /** What `getStatus()` returns. */
 export interface StreamerStatus {
-  /** 'idle' before init, 'starting', 'changelog' (capturing the SQLite change log), 'binlog' (capturing the MySQL binary log), 'failed' (capture stopped on an internal error, see `errors.last`), 'closed'. */
-  mode: 'idle' | 'starting' | 'changelog' | 'binlog' | 'failed' | 'closed';
+  /** 'idle' before init, 'starting', 'changelog' (capturing the SQLite change log), 'binlog' (capturing the MySQL binary log), 'polling' (MySQL without binlog access), 'failed' (capture stopped on an internal error, see `errors.last`), 'closed'. */
+  mode: 'idle' | 'starting' | 'changelog' | 'binlog' | 'polling' | 'failed' | 'closed';
   connected: boolean;
   initialized: boolean;
   closed: boolean;
@@ -273,8 +283,10 @@ export declare class UltimateStreamer extends EventEmitter {
   on(event: ChangeEventName, listener: (e: ChangeEvent) => void): this;
   on(event: ChangeEventName, filter: ListenerFilter, listener: (e: ChangeEvent) => void): this;
   /** Every delivered batch at once (after the per-event listeners). */
-  on(event: 'batch', listener: (events: Array<ChangeEvent | ResyncEvent>) => void): this;
+  on(event: 'batch', listener: (events: Array<ChangeEvent | ResyncEvent | ModeEvent>) => void): this;
   on(event: 'resync', listener: (e: ResyncEvent) => void): this;
+  /** The capture mode changed (MySQL: 'polling' when the binlog cannot be read, 'binlog' when it can again). */
+  on(event: 'mode', listener: (e: ModeEvent) => void): this;
   on(event: 'error', listener: (err: UspError) => void): this;
   on(event: 'ready' | 'close', listener: () => void): this;
   on(event: string | symbol, listener: (...args: any[]) => void): this;

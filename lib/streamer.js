@@ -251,7 +251,7 @@ class UltimateStreamer extends EventEmitter {
   }
 
   #onEvents(json, dispatchedAt) {
-    const names = ['change', 'insert', 'update', 'delete', 'batch', 'resync'];
+    const names = ['change', 'insert', 'update', 'delete', 'batch', 'resync', 'mode'];
     // Nobody listens: skip decoding, unless the batch may hold a resync (never silent).
     if (names.every((n) => this.listenerCount(n) === 0) && !json.includes('"type":"resync"')) return;
     let events;
@@ -273,6 +273,11 @@ class UltimateStreamer extends EventEmitter {
         const ls = this.rawListeners('resync');
         if (ls.length) this.#emitSafe(ls, 'resync', e);
         else process.emitWarning(`ultimate-streaming resync: ${e.reason}`, { code: 'USP_RESYNC' });
+        continue;
+      }
+      if (e.type === 'mode') {
+        const ls = this.rawListeners('mode');
+        if (ls.length) this.#emitSafe(ls, 'mode', e);
         continue;
       }
       e.latency = dispatchedAt - e.timestamp;

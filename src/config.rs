@@ -62,6 +62,9 @@ pub struct ServerConfig {
     pub table: String,
     /// MySQL/MariaDB capture settings (`options.mysql`).
     pub mysql: MysqlOptions,
+    /// Copies of the top-level options the server sources need.
+    pub use_change_streams: bool,
+    pub polling_interval_ms: u64,
 }
 
 /// `options.mysql`: binlog capture settings.
@@ -80,6 +83,8 @@ pub struct MysqlOptions {
     /// Name under which the capture checkpoint is stored (table `<table>_checkpoint`); two
     /// streamers that must resume independently use different names. Default `default`.
     pub checkpoint_name: String,
+    /// In polling mode, how often binlog capture is tried again, in ms. Default 30000.
+    pub fast_path_retry_ms: u64,
 }
 
 impl Default for MysqlOptions {
@@ -90,6 +95,7 @@ impl Default for MysqlOptions {
             reconnect_min_ms: 100,
             reconnect_max_ms: 5000,
             checkpoint_name: "default".into(),
+            fast_path_retry_ms: 30_000,
         }
     }
 }
@@ -218,6 +224,7 @@ const MYSQL_KEYS: &[&str] = &[
     "reconnectMinDelay",
     "reconnectMaxDelay",
     "checkpointName",
+    "fastPathRetry",
 ];
 const CONNECTION_KEYS: &[&str] = &[
     "uri", "host", "port", "user", "password", "database", "path",
@@ -501,6 +508,8 @@ impl Config {
                     database: get_str(&conn, "database", conn_path)?.map(str::to_string),
                     table: "usp_kv".into(),
                     mysql: MysqlOptions::default(),
+                    use_change_streams: cfg.use_change_streams,
+                    polling_interval_ms: cfg.polling_interval_ms,
                 };
                 if let Some(t) = get_str(&opts, "table", opt_path)? {
                     validate_identifier(t, &format!("{opt_path}table"))?;
@@ -653,6 +662,9 @@ fn parse_mysql(
             return Err(invalid(format!(
                 "`{p}reconnectMaxDelay` must be at least `{p}reconnectMinDelay`"
             )));
+        }
+        if let Some(n) = get_int(mo, "fastPathRetry", &p, 100, 86_400_000)? {
+            s.mysql.fast_path_retry_ms = n;
         }
         if let Some(n) = get_str(mo, "checkpointName", &p)? {
             if n.is_empty() || n.len() > 64 {

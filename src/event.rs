@@ -18,11 +18,17 @@ pub struct BinlogPosition {
     pub row: u32,
 }
 
+/// Where a polled row was found: its `updated_at`, microseconds since the epoch. Polls overlap,
+/// so these positions repeat; polled changes are deduplicated by per-key version instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PollPosition(pub i64);
+
 /// Where a change came from in its source's log. Typed per source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Position {
     ChangeLog(ChangeLogSeq),
     Binlog(BinlogPosition),
+    Poll(PollPosition),
 }
 
 impl Position {
@@ -33,6 +39,7 @@ impl Position {
             Position::Binlog(b) => {
                 ((b.file_index as u128) << 64) | ((b.event_pos as u128) << 32) | b.row as u128
             }
+            Position::Poll(p) => p.0.max(0) as u128,
         }
     }
 }
@@ -64,6 +71,10 @@ pub struct Change {
     pub data: Option<Arc<str>>,
     /// Per-key version assigned by the database in the write itself.
     pub version: u64,
+    /// The writer bumped `version` (true for every change the engine writes): the change is
+    /// also deduplicated by version. False for a SQL write that left `version` as it was, or a
+    /// row removed with SQL DELETE (whose key then starts its versions again).
+    pub versioned: bool,
     /// Global sequence number assigned by the core on admission (0 before).
     pub seq: u64,
     pub position: Position,
@@ -85,6 +96,12 @@ pub enum Event {
         from: u64,
         to: u64,
     },
+    /// The source changed how it captures (e.g. `binlog` → `polling`), and why.
+    Mode {
+        source: &'static str,
+        mode: &'static str,
+        reason: String,
+    },
 }
 
 impl Event {
@@ -92,7 +109,7 @@ impl Event {
     pub fn commit_ts_us(&self) -> Option<i64> {
         match self {
             Event::Change(c) => Some(c.commit_ts_us),
-            Event::Resync { .. } => None,
+            Event::Resync { .. } | Event::Mode { .. } => None,
         }
     }
 }
@@ -126,7 +143,7 @@ pub fn encode_batch(events: &[Event]) -> String {
         .iter()
         .map(|e| match e {
             Event::Change(c) => 128 + c.key.len() + c.data.as_ref().map_or(4, |d| d.len()),
-            Event::Resync { reason, .. } => 96 + reason.len(),
+            Event::Resync { reason, .. } | Event::Mode { reason, .. } => 96 + reason.len(),
         })
         .sum();
     let mut out = String::with_capacity(cap + 2);
@@ -168,6 +185,18 @@ pub fn encode_batch(events: &[Event]) -> String {
                 push_json_string(&mut out, reason);
                 let _ = write!(out, ",\"from\":{from},\"to\":{to}}}");
             }
+            Event::Mode {
+                source,
+                mode,
+                reason,
+            } => {
+                let _ = write!(
+                    out,
+                    "{{\"type\":\"mode\",\"source\":\"{source}\",\"mode\":\"{mode}\",\"reason\":"
+                );
+                push_json_string(&mut out, reason);
+                out.push('}');
+            }
         }
     }
     out.push(']');
@@ -202,6 +231,7 @@ mod tests {
             key: key.into(),
             data: data.map(Into::into),
             version: 3,
+            versioned: true,
             seq: 9,
             position: Position::ChangeLog(ChangeLogSeq(4)),
             source: "sqlite",

@@ -171,6 +171,7 @@ mod tests {
             key: "k".into(),
             data: None,
             version: seq,
+            versioned: true,
             seq,
             position: Position::ChangeLog(ChangeLogSeq(seq)),
             source: "t",

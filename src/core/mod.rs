@@ -11,7 +11,7 @@ pub mod pipeline;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
-use crate::event::{Change, ChangeKind, Event, Position};
+use crate::event::{Change, Event};
 use crate::metrics::Metrics;
 use cache::{Cache, CacheEntry};
 use history::History;
@@ -74,8 +74,9 @@ impl Core {
         if let Some(cache) = &self.cache {
             // Keep cached keys current; keys nobody read are not pulled into the cache.
             for c in &admitted {
-                if c.kind == ChangeKind::Delete && matches!(c.position, Position::Binlog(_)) {
-                    // A row deleted by SQL and re-created restarts at version 1: forget it.
+                if !c.versioned {
+                    // Its version says nothing (a SQL write that left it, or a SQL DELETE after
+                    // which versions restart): drop the entry rather than compare.
                     cache.invalidate(&c.key);
                     continue;
                 }

@@ -6,7 +6,7 @@ use lru::LruCache;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use crate::event::{Change, Position};
+use crate::event::{Change, ChangeKind, Position};
 
 /// Why a change was or was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,24 +40,38 @@ impl Sequencer {
     }
 
     /// Decides whether `c` is new; on acceptance stamps its global `seq`.
+    ///
+    /// - Log positions (change log, binlog) only move forward: anything at or before the last
+    ///   admitted one is a replay. Polled rows have no such order (polls overlap) and skip this.
+    /// - A `versioned` change is also dropped when its key already delivered this version or a
+    ///   newer one (the same write seen by two paths, or across a binlog/polling switch).
+    /// - An unversioned change (a SQL write that left `version` alone) is new by position
+    ///   alone; an unversioned delete (SQL DELETE) forgets the key, whose versions restart.
     pub fn admit(&mut self, c: &mut Change) -> Admission {
+        let logged = !matches!(c.position, Position::Poll(_));
         let pos = c.position.ordinal();
-        if matches!(self.last_position, Some(last) if pos <= last) {
+        if logged && matches!(self.last_position, Some(last) if pos <= last) {
             return Admission::DuplicatePosition;
         }
-        // A binary log is one totally ordered log of committed row changes: its positions alone
-        // dedupe, and a row written by a SQL client that did not bump `version` (or deleted and
-        // re-created) is still a new change. Other sources also check the per-key version.
-        let by_version = !matches!(c.position, Position::Binlog(_));
-        if let Some(&v) = self.versions.get(&c.key) {
-            if by_version && c.version <= v {
-                // Still move the position forward: this entry of the log is consumed.
-                self.last_position = Some(pos);
-                return Admission::StaleVersion;
+        if c.versioned {
+            if let Some(&v) = self.versions.get(&c.key) {
+                if c.version <= v {
+                    // Still move the position forward: this entry of the log is consumed.
+                    if logged {
+                        self.last_position = Some(pos);
+                    }
+                    return Admission::StaleVersion;
+                }
             }
         }
-        self.last_position = Some(pos);
-        self.versions.put(c.key.clone(), c.version);
+        if logged {
+            self.last_position = Some(pos);
+        }
+        if !c.versioned && c.kind == ChangeKind::Delete {
+            self.versions.pop(&c.key);
+        } else {
+            self.versions.put(c.key.clone(), c.version);
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         c.seq = seq;
@@ -78,7 +92,7 @@ impl Sequencer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{BinlogPosition, ChangeKind, ChangeLogSeq};
+    use crate::event::{BinlogPosition, ChangeLogSeq, PollPosition};
 
     fn ch(key: &str, version: u64, pos: u64) -> Change {
         Change {
@@ -86,6 +100,7 @@ mod tests {
             key: key.into(),
             data: Some("1".into()),
             version,
+            versioned: true,
             seq: 0,
             position: Position::ChangeLog(ChangeLogSeq(pos)),
             source: "test",
@@ -126,24 +141,48 @@ mod tests {
     }
 
     #[test]
-    fn binlog_positions_dedupe_without_version_check() {
+    fn binlog_positions_and_versions() {
         let mut s = Sequencer::new(10);
-        let at = |event_pos: u32, row: u32, version: u64| Change {
+        let at = |event_pos: u32, row: u32, version: u64, versioned: bool| Change {
             position: Position::Binlog(BinlogPosition {
                 file_index: 1,
                 event_pos,
                 row,
             }),
+            versioned,
             ..ch("k", version, 0)
         };
-        assert!(matches!(s.admit(&mut at(100, 0, 5)), Admission::Accept(_)));
+        assert!(matches!(
+            s.admit(&mut at(100, 0, 5, true)),
+            Admission::Accept(_)
+        ));
         // A SQL client updated the row without bumping `version`: still a new change.
-        assert!(matches!(s.admit(&mut at(100, 1, 5)), Admission::Accept(_)));
-        // Deleted and re-created: version 1 again, later in the log.
-        assert!(matches!(s.admit(&mut at(200, 0, 1)), Admission::Accept(_)));
+        assert!(matches!(
+            s.admit(&mut at(100, 1, 5, false)),
+            Admission::Accept(_)
+        ));
+        // Deleted with SQL DELETE, then re-created at version 1, later in the log.
+        let mut del = Change {
+            kind: ChangeKind::Delete,
+            ..at(150, 0, 6, false)
+        };
+        assert!(matches!(s.admit(&mut del), Admission::Accept(_)));
+        assert_eq!(s.last_version("k"), None);
+        assert!(matches!(
+            s.admit(&mut at(200, 0, 1, true)),
+            Admission::Accept(_)
+        ));
         // A reconnect replays the same rows: dropped by position.
-        assert_eq!(s.admit(&mut at(100, 1, 5)), Admission::DuplicatePosition);
-        assert_eq!(s.admit(&mut at(200, 0, 1)), Admission::DuplicatePosition);
+        assert_eq!(
+            s.admit(&mut at(100, 1, 5, false)),
+            Admission::DuplicatePosition
+        );
+        assert_eq!(
+            s.admit(&mut at(200, 0, 1, true)),
+            Admission::DuplicatePosition
+        );
+        // A versioned write already delivered by polling, seen again in the binlog.
+        assert_eq!(s.admit(&mut at(300, 0, 1, true)), Admission::StaleVersion);
         // A later file orders after every position of an earlier one.
         let next_file = Change {
             position: Position::Binlog(BinlogPosition {
@@ -154,6 +193,22 @@ mod tests {
             ..ch("k", 2, 0)
         };
         assert!(matches!(s.admit(&mut { next_file }), Admission::Accept(_)));
+    }
+
+    #[test]
+    fn polled_rows_dedupe_by_version_only() {
+        let mut s = Sequencer::new(10);
+        let poll = |ts: i64, version: u64| Change {
+            position: Position::Poll(PollPosition(ts)),
+            ..ch("p", version, 0)
+        };
+        assert!(matches!(s.admit(&mut poll(1_000, 3)), Admission::Accept(_)));
+        // Overlapping polls see the same row again: same version, dropped.
+        assert_eq!(s.admit(&mut poll(1_000, 3)), Admission::StaleVersion);
+        // An earlier timestamp is no replay by itself: a newer version is new.
+        assert!(matches!(s.admit(&mut poll(900, 4)), Admission::Accept(_)));
+        // Polled rows do not move the log position.
+        assert!(matches!(s.admit(&mut ch("q", 1, 1)), Admission::Accept(_)));
     }
 
     #[test]

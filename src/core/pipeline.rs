@@ -27,6 +27,8 @@ pub enum SourceMsg<C> {
         reason: String,
         checkpoint: Option<C>,
     },
+    /// The source changed how it captures; listeners get a `mode` event.
+    Mode { mode: &'static str, reason: String },
     /// Deliver what was received, then stop.
     Stop,
 }
@@ -128,6 +130,17 @@ fn run<C: Clone>(
                 if let Some(c) = checkpoint {
                     *delivered.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
                 }
+                true
+            }
+            SourceMsg::Mode { mode, reason } => {
+                batcher.push(
+                    vec![Event::Mode {
+                        source: "mysql",
+                        mode,
+                        reason,
+                    }],
+                    Instant::now(),
+                );
                 true
             }
             SourceMsg::Stop => false,

@@ -709,6 +709,7 @@ impl Store {
                     key,
                     data,
                     version: version as u64,
+                    versioned: true,
                     seq: 0,
                     position: Position::ChangeLog(ChangeLogSeq(seq as u64)),
                     source: "sqlite",

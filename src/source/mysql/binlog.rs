@@ -20,7 +20,7 @@ use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Conninfo;
+use super::{Conninfo, Resume};
 use crate::core::pipeline::SourceMsg;
 use crate::error::Error;
 use crate::event::{json_or_string, now_us, BinlogPosition, Change, ChangeKind, Position};
@@ -40,6 +40,13 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    pub fn resume(&self) -> Resume {
+        Resume::Binlog {
+            file: self.file.clone(),
+            pos: self.pos,
+        }
+    }
+
     pub fn describe(&self) -> String {
         format!("{}:{}", self.file, self.pos)
     }
@@ -86,7 +93,7 @@ pub struct BinlogCapture {
     /// The key-value table's columns in order (from information_schema at start).
     pub columns: Vec<String>,
     pub start: Checkpoint,
-    pub tx: SyncSender<SourceMsg<Checkpoint>>,
+    pub tx: SyncSender<SourceMsg<Resume>>,
     pub stop: Arc<AtomicBool>,
     pub status: Arc<SourceStatus>,
     pub metrics: Arc<Metrics>,
@@ -111,7 +118,7 @@ impl BinlogCapture {
         if let Some(reason) = cp.resync.take() {
             let _ = self.tx.send(SourceMsg::Resync {
                 reason,
-                checkpoint: Some(cp.clone()),
+                checkpoint: Some(cp.resume()),
             });
         }
         let mut attempt: u32 = 0;
@@ -214,7 +221,7 @@ impl BinlogCapture {
             cp.pos = client.options.binlog.position;
             let _ = self.tx.send(SourceMsg::Changes {
                 changes: Vec::new(),
-                checkpoint: Some(cp.clone()),
+                checkpoint: Some(cp.resume()),
             });
         }
         if *attempt > 0 {
@@ -406,7 +413,7 @@ impl BinlogCapture {
         let changes = std::mem::take(pending);
         let _ = self.tx.send(SourceMsg::Changes {
             changes,
-            checkpoint: Some(cp.clone()),
+            checkpoint: Some(cp.resume()),
         });
     }
 }
@@ -475,11 +482,17 @@ fn kv_change(
     } else {
         text(after.cells.get(cols.v)).map(|s| json_or_string(&s, &key))
     };
+    // Did the writer bump `version`? The engine always does; a SQL client may not.
+    let versioned = match before {
+        None => true,
+        Some(b) => version > uint(b.cells.get(cols.version)).unwrap_or(0),
+    };
     Some(Change {
         kind,
         key,
         data,
         version,
+        versioned,
         seq: 0,
         position: position(file, event_pos, row),
         source: "mysql",
@@ -504,6 +517,7 @@ fn kv_delete(
         key: text(before.cells.get(cols.k))?.into(),
         data: None,
         version: uint(before.cells.get(cols.version)).unwrap_or(0) + 1,
+        versioned: false,
         seq: 0,
         position: position(file, event_pos, row),
         source: "mysql",

@@ -9,6 +9,7 @@
 //! refused at `init()` with a clear error.
 
 pub mod binlog;
+pub mod poll;
 
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts, OptsBuilder, TxOpts, Value as SqlValue};
@@ -23,6 +24,7 @@ use crate::config::ServerConfig;
 use crate::core::batcher::BatchOptions;
 use crate::core::cache::CacheEntry;
 use crate::core::pipeline::Pipeline;
+use crate::core::pipeline::SourceMsg;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::event::json_or_string;
@@ -30,6 +32,7 @@ use crate::sink::BatchSink;
 use crate::source::SourceStatus;
 use crate::store::{Completion, CompletionSink, Op};
 use binlog::{BinlogCapture, Checkpoint};
+use poll::Poller;
 
 /// How long `init()` waits for the server before failing with `USP_DB_UNAVAILABLE`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +40,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// Largest multi-row statement we build, in bytes of values (well under `max_allowed_packet`).
 const MAX_STATEMENT_BYTES: usize = 4 << 20;
+/// Shortest look-back of each poll (see `poll`).
+const POLL_OVERLAP_MIN: Duration = Duration::from_secs(1);
 /// Messages (each up to `CHUNK_ROWS` changes) waiting between capture and delivery.
 const PIPELINE_CAPACITY: usize = 64;
 
@@ -279,8 +284,30 @@ struct Store {
     sql: Sql,
     core: Arc<Core>,
     checkpoint_name: String,
-    saved: Option<Checkpoint>,
+    saved: Option<Resume>,
 }
+
+/// What `Store::start` found.
+struct Started {
+    facts: ServerFacts,
+    columns: Vec<String>,
+    /// The saved checkpoint, and when it was saved (µs since the epoch).
+    saved: Option<(Resume, i64)>,
+}
+
+/// Where a streamer resumes, as delivered by the pipeline and saved in `<table>_checkpoint`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// A transaction end in the binary log.
+    Binlog { file: String, pos: u32 },
+    /// Polled rows were delivered up to this `updated_at` (µs since the epoch).
+    Poll { ts_us: i64 },
+}
+
+/// `file` value of a polling checkpoint row (no binlog file has this name).
+const POLL_MARK: &str = "@poll";
+/// `updated_at` in µs since the epoch; the engine's sessions run in UTC.
+const EPOCH_US: &str = "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', updated_at)";
 
 impl MysqlStoreThread {
     pub fn run(self) {
@@ -322,8 +349,7 @@ impl MysqlStoreThread {
             checkpoint_name: server.mysql.checkpoint_name.clone(),
             saved: None,
         };
-        let started = rt.block_on(store.start(&status));
-        let (facts, start, columns) = match started {
+        let started = match rt.block_on(store.start(&status)) {
             Ok(s) => s,
             Err(e) => return fail(e, rx),
         };
@@ -334,77 +360,93 @@ impl MysqlStoreThread {
             sink,
             batch,
             PIPELINE_CAPACITY,
-            Some(start.clone()),
+            started.saved.as_ref().map(|(r, _)| r.clone()),
         ) {
             Ok(p) => p,
             Err(e) => return fail(Error::Internal(format!("delivery thread: {e}")), rx),
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let (live_tx, live_rx) = std::sync::mpsc::sync_channel(1);
-        let capture = BinlogCapture {
+        let ctx = CaptureContext {
             info: info.clone(),
-            server_id: server
-                .mysql
-                .server_id
-                .unwrap_or_else(|| 100_000 + rand_u32() % 2_000_000_000),
-            heartbeat: Duration::from_millis(server.mysql.heartbeat_ms),
-            reconnect_min: Duration::from_millis(server.mysql.reconnect_min_ms),
-            reconnect_max: Duration::from_millis(server.mysql.reconnect_max_ms),
-            table: server.table.clone(),
-            columns,
-            start,
-            tx: pipeline.sender(),
-            stop: stop.clone(),
+            server: server.clone(),
+            columns: started.columns.clone(),
+            pipeline: &pipeline,
             status: status.clone(),
             metrics: core.metrics.clone(),
-            live: Some(live_tx),
+            stop: Arc::new(AtomicBool::new(false)),
         };
-        let (guard_status, guard_metrics) = (status.clone(), core.metrics.clone());
-        if let Err(e) = std::thread::Builder::new()
-            .name("usp-mysql-binlog".into())
-            .spawn(move || {
-                // A panic in the binlog decoder stops capture; it must be loud, never silent.
-                if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| capture.run())) {
-                    let msg = p
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "panic".into());
-                    let e = Error::Internal(format!(
-                        "binlog capture stopped: {msg}; changes after the saved checkpoint are delivered by the next streamer"
-                    ));
-                    tracing::error!("{e}");
-                    guard_metrics.record_error(&e);
-                    guard_status.set_mode("failed");
+        let saved = started.saved.clone();
+        let fast_path = match (server.use_change_streams, started.facts.binlog_problem()) {
+            (false, _) => Err("option useChangeStreams is false".to_string()),
+            (true, Some(why)) => Err(why),
+            (true, None) => Ok(()),
+        };
+        let mut poller: Option<Polling> = None;
+        match fast_path {
+            Ok(()) => {
+                let start = match rt.block_on(store.binlog_start(saved.as_ref().map(|(r, _)| r))) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        pipeline.stop();
+                        return fail(e, rx);
+                    }
+                };
+                let first = start.resume();
+                if let Err(e) = ctx.start_binlog(start) {
+                    ctx.stop.store(true, Relaxed);
+                    pipeline.stop();
+                    return fail(e, rx);
                 }
-            })
-        {
-            pipeline.stop();
-            return fail(Error::Internal(format!("binlog thread: {e}")), rx);
+                // The starting point is saved at once: a streamer closed before any change
+                // still resumes here.
+                rt.block_on(store.save_checkpoint(&first));
+                if let Some((Resume::Poll { ts_us }, _)) = saved {
+                    // The previous streamer polled: one catch-up poll covers the gap.
+                    match ctx.start_poller(Some(ts_us), true) {
+                        Ok(p) => p.finish_and_join(),
+                        Err(e) => tracing::warn!("catch-up poll not started: {e}"),
+                    }
+                }
+                status.set_mode("binlog");
+            }
+            Err(why) => {
+                let from = match &saved {
+                    Some((Resume::Poll { ts_us }, _)) => Some(*ts_us),
+                    // Resuming from the binlog in polling mode: from when its checkpoint was
+                    // saved (the overlap window covers the rest).
+                    Some((Resume::Binlog { .. }, at)) => Some(*at),
+                    None => None,
+                };
+                match ctx.start_poller(from, false) {
+                    Ok(p) => poller = Some(p),
+                    Err(e) => {
+                        pipeline.stop();
+                        return fail(e, rx);
+                    }
+                }
+                tracing::warn!(
+                    "binlog capture not possible ({why}): polling every {} ms",
+                    server.polling_interval_ms
+                );
+                status.set_mode("polling");
+                let _ = pipeline.sender().send(SourceMsg::Mode {
+                    mode: "polling",
+                    reason: format!(
+                        "binlog capture is not possible: {why}; polling every {} ms (intermediate versions between polls are not delivered)",
+                        server.polling_interval_ms
+                    ),
+                });
+            }
         }
-        // `init()` resolves once the binlog stream is live, so no change after it is late.
-        let live = live_rx
-            .recv_timeout(CONNECT_TIMEOUT)
-            .unwrap_or_else(|_| Err("the binlog stream did not start in time".into()));
-        if let Err(why) = live {
-            stop.store(true, Relaxed);
-            pipeline.stop();
-            return fail(
-                Error::Db(format!(
-                    "binlog capture could not start: {why}. Check that the user has REPLICATION SLAVE and that serverId is unique"
-                )),
-                rx,
-            );
-        }
-        status.set_mode("binlog");
-        tracing::info!(table = %server.table, version = %facts.version, "mysql store ready (binlog capture)");
+        tracing::info!(table = %server.table, version = %started.facts.version, mode = status.mode(), "mysql store ready");
         ready.store(true, Relaxed);
         completions.complete(vec![Completion::Ready { id: init_id }]);
 
         let mut shutdown = None;
         let mut last_save = Instant::now();
+        let mut last_retry = Instant::now();
+        let retry_every = Duration::from_millis(server.mysql.fast_path_retry_ms);
         while shutdown.is_none() {
-            match rx.recv_timeout(CHECKPOINT_EVERY) {
+            match rx.recv_timeout(CHECKPOINT_EVERY.min(retry_every)) {
                 Ok(op) => {
                     let mut ops = vec![op];
                     while ops.len() < write_batch_size {
@@ -431,10 +473,30 @@ impl MysqlStoreThread {
                     rt.block_on(store.save_checkpoint(&cp));
                 }
             }
+            if poller.is_some() && server.use_change_streams && last_retry.elapsed() >= retry_every
+            {
+                last_retry = Instant::now();
+                if rt.block_on(store.try_fast_path(&ctx)) {
+                    // Binlog capture is live from a position before the poller's last poll:
+                    // the overlap is deduplicated by version.
+                    if let Some(p) = poller.take() {
+                        p.finish_and_join();
+                    }
+                    status.set_mode("binlog");
+                    tracing::info!("binlog capture available again: polling stopped");
+                    let _ = pipeline.sender().send(SourceMsg::Mode {
+                        mode: "binlog",
+                        reason: "binlog capture is available: polling stopped".into(),
+                    });
+                }
+            }
         }
         // Capture stops sending; what it already sent is delivered; the final checkpoint is
         // where the next streamer resumes.
-        stop.store(true, Relaxed);
+        ctx.stop.store(true, Relaxed);
+        if let Some(p) = poller.take() {
+            p.join();
+        }
         let last = pipeline.stop();
         if let Some(cp) = last {
             rt.block_on(store.save_checkpoint(&cp));
@@ -463,6 +525,122 @@ impl MysqlStoreThread {
             completions.complete(refused);
         }
     }
+}
+
+/// What starting a capture thread needs, shared by the binlog and polling paths.
+struct CaptureContext<'a> {
+    info: Conninfo,
+    server: ServerConfig,
+    columns: Vec<String>,
+    pipeline: &'a Pipeline<Resume>,
+    status: Arc<SourceStatus>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Set at close: every capture thread stops.
+    stop: Arc<AtomicBool>,
+}
+
+/// A running poller.
+struct Polling {
+    finish: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Polling {
+    /// One more complete poll, then stop.
+    fn finish_and_join(self) {
+        self.finish.store(true, Relaxed);
+        let _ = self.handle.join();
+    }
+
+    fn join(self) {
+        let _ = self.handle.join();
+    }
+}
+
+impl CaptureContext<'_> {
+    /// Starts binlog capture from `start` and waits until the stream is live.
+    fn start_binlog(&self, start: Checkpoint) -> Result<()> {
+        let (live_tx, live_rx) = std::sync::mpsc::sync_channel(1);
+        let m = &self.server.mysql;
+        let capture = BinlogCapture {
+            info: self.info.clone(),
+            server_id: m
+                .server_id
+                .unwrap_or_else(|| 100_000 + rand_u32() % 2_000_000_000),
+            heartbeat: Duration::from_millis(m.heartbeat_ms),
+            reconnect_min: Duration::from_millis(m.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(m.reconnect_max_ms),
+            table: self.server.table.clone(),
+            columns: self.columns.clone(),
+            start,
+            tx: self.pipeline.sender(),
+            stop: self.stop.clone(),
+            status: self.status.clone(),
+            metrics: self.metrics.clone(),
+            live: Some(live_tx),
+        };
+        let (guard_status, guard_metrics) = (self.status.clone(), self.metrics.clone());
+        std::thread::Builder::new()
+            .name("usp-mysql-binlog".into())
+            .spawn(move || {
+                // A panic in the binlog decoder stops capture; it must be loud, never silent.
+                if let Err(p) =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| capture.run()))
+                {
+                    let e = Error::Internal(format!(
+                        "binlog capture stopped: {}; changes after the saved checkpoint are delivered by the next streamer",
+                        panic_message(&p)
+                    ));
+                    tracing::error!("{e}");
+                    guard_metrics.record_error(&e);
+                    guard_status.set_mode("failed");
+                }
+            })
+            .map_err(|e| Error::Internal(format!("binlog thread: {e}")))?;
+        // Live before returning, so no change after `init()` (or after a switch) is late.
+        live_rx
+            .recv_timeout(CONNECT_TIMEOUT)
+            .unwrap_or_else(|_| Err("the binlog stream did not start in time".into()))
+            .map_err(|why| {
+                Error::Db(format!(
+                    "binlog capture could not start: {why}. Check that the user has REPLICATION SLAVE and that serverId is unique"
+                ))
+            })
+    }
+
+    /// Starts the poller from `from` (µs of `updated_at`; `None`: now). With `finish`, it polls
+    /// once and stops.
+    fn start_poller(&self, from: Option<i64>, finish: bool) -> Result<Polling> {
+        let finish_flag = Arc::new(AtomicBool::new(finish));
+        let interval = Duration::from_millis(self.server.polling_interval_ms);
+        let poller = Poller {
+            info: self.info.clone(),
+            table: self.server.table.clone(),
+            interval,
+            overlap: (interval * 2).max(POLL_OVERLAP_MIN),
+            start: from,
+            tx: self.pipeline.sender(),
+            finish: finish_flag.clone(),
+            stop: self.stop.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("usp-mysql-poll".into())
+            .spawn(move || poller.run())
+            .map_err(|e| Error::Internal(format!("polling thread: {e}")))?;
+        Ok(Polling {
+            finish: finish_flag,
+            handle,
+        })
+    }
+}
+
+/// The text of a caught panic.
+pub fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 fn op_id(op: &Op) -> Option<u32> {
@@ -500,23 +678,19 @@ impl Store {
                     ))
                 })?
                 .map_err(|e| sql_error(e, "connecting to MySQL"))?;
+            let mut c = c;
+            c.query_drop("SET time_zone = '+00:00'")
+                .await
+                .map_err(|e| sql_error(e, "setting the session time zone"))?;
             self.conn = Some(c);
         }
         Ok(self.conn.as_mut().expect("set above"))
     }
 
-    /// Checks the server, creates the tables, and finds where capture starts.
-    async fn start(
-        &mut self,
-        status: &SourceStatus,
-    ) -> Result<(ServerFacts, Checkpoint, Vec<String>)> {
+    /// Checks the server, creates the tables, and reads the saved checkpoint.
+    async fn start(&mut self, status: &SourceStatus) -> Result<Started> {
         let facts = server_facts(self.conn().await?).await?;
         status.set_server(facts.to_json());
-        if let Some(why) = facts.binlog_problem() {
-            return Err(Error::Db(format!(
-                "binlog capture is not possible: {why}. The polling fallback is not available yet in this version"
-            )));
-        }
         let statements = self.sql.schema(facts.mariadb);
         for s in statements {
             self.conn()
@@ -536,67 +710,87 @@ impl Store {
             )
             .await
             .map_err(|e| sql_error(e, "reading the table's columns"))?;
-        for needed in ["k", "v", "version", "deleted"] {
+        for needed in ["k", "v", "version", "deleted", "updated_at"] {
             if !columns.iter().any(|c| c == needed) {
                 return Err(Error::Db(format!(
                     "table `{table}` exists without column `{needed}`; point option `table` at a new table name"
                 )));
             }
         }
-        let saved: Option<(String, u64)> = conn
+        let saved: Option<(String, u64, i64)> = conn
             .exec_first(
-                format!("SELECT file, pos FROM `{table}_checkpoint` WHERE name = ?"),
+                format!("SELECT file, pos, {EPOCH_US} FROM `{table}_checkpoint` WHERE name = ?"),
                 (name,),
             )
             .await
             .map_err(|e| sql_error(e, "reading the capture checkpoint"))?;
-        let logs: Vec<(String, u64)> = conn
+        Ok(Started {
+            facts,
+            columns,
+            saved: saved.map(|(file, pos, at)| {
+                let resume = if file == POLL_MARK {
+                    Resume::Poll { ts_us: pos as i64 }
+                } else {
+                    Resume::Binlog {
+                        file,
+                        pos: pos as u32,
+                    }
+                };
+                (resume, at)
+            }),
+        })
+    }
+
+    /// Where binlog capture starts: the saved position if its file is still on the server, else
+    /// the current end (with a resync reason when a saved position was lost).
+    async fn binlog_start(&mut self, saved: Option<&Resume>) -> Result<Checkpoint> {
+        let logs: Vec<(String, u64)> = self
+            .conn()
+            .await?
             .query("SHOW BINARY LOGS")
             .await
             .map_err(|e| sql_error(e, "listing binary logs"))?;
-        let current: Option<(String, u64)> = logs.last().cloned();
-        let start = match saved {
-            Some((file, pos)) if logs.iter().any(|(f, _)| *f == file) => Checkpoint {
-                file,
-                pos: pos as u32,
-                resync: None,
-            },
-            Some((file, pos)) => {
-                let (cf, cp) = current.clone().unwrap_or_default();
+        let (cf, cpos) = logs.last().cloned().unwrap_or_default();
+        let current = Checkpoint {
+            file: cf,
+            pos: cpos as u32,
+            resync: None,
+        };
+        Ok(match saved {
+            Some(Resume::Binlog { file, pos }) if logs.iter().any(|(f, _)| f == file) => {
+                Checkpoint {
+                    file: file.clone(),
+                    pos: *pos,
+                    resync: None,
+                }
+            }
+            Some(Resume::Binlog { file, pos }) => {
                 tracing::warn!(
                     file,
                     pos,
                     "capture checkpoint was purged from the binary logs: resync"
                 );
                 Checkpoint {
-                    file: cf,
-                    pos: cp as u32,
                     resync: Some(format!(
                         "the binary log {file} holding this streamer's checkpoint ({file}:{pos}) was purged; changes since then cannot be replayed. Continuing from the current state"
                     )),
+                    ..current
                 }
             }
-            None => {
-                let (file, pos) = current.unwrap_or_default();
-                Checkpoint {
-                    file,
-                    pos: pos as u32,
-                    resync: None,
-                }
-            }
-        };
-        // The starting point is saved at once: a streamer closed before any change still
-        // resumes here.
-        self.save_checkpoint(&start).await;
-        Ok((facts, start, columns))
+            _ => current,
+        })
     }
 
-    async fn save_checkpoint(&mut self, cp: &Checkpoint) {
+    async fn save_checkpoint(&mut self, cp: &Resume) {
         if self.saved.as_ref() == Some(cp) {
             return;
         }
         let stmt = self.sql.save_checkpoint.clone();
-        let params = (self.checkpoint_name.clone(), cp.file.clone(), cp.pos as u64);
+        let (file, pos) = match cp {
+            Resume::Binlog { file, pos } => (file.clone(), *pos as u64),
+            Resume::Poll { ts_us } => (POLL_MARK.to_string(), (*ts_us).max(0) as u64),
+        };
+        let params = (self.checkpoint_name.clone(), file, pos);
         let r = match self.conn().await {
             Ok(c) => c
                 .exec_drop(stmt, params)
@@ -609,6 +803,44 @@ impl Store {
             Err(e) => {
                 self.drop_conn_on_io(&e);
                 tracing::warn!(code = e.code(), "capture checkpoint not saved: {e}");
+            }
+        }
+    }
+
+    /// In polling mode: checks whether binlog capture has become possible and, if so, starts
+    /// it from the current end of the binlog. True when binlog capture is live.
+    async fn try_fast_path(&mut self, ctx: &CaptureContext<'_>) -> bool {
+        // A session keeps the global privileges it had at connect: look with a new one.
+        if let Some(c) = self.conn.take() {
+            let _ = c.disconnect().await;
+        }
+        let facts = match self.conn().await {
+            Ok(c) => server_facts(c).await,
+            Err(e) => Err(e),
+        };
+        let facts = match facts {
+            Ok(f) => f,
+            Err(e) => {
+                self.drop_conn_on_io(&e);
+                return false;
+            }
+        };
+        ctx.status.set_server(facts.to_json());
+        if facts.binlog_problem().is_some() {
+            return false;
+        }
+        let start = match self.binlog_start(None).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("binlog position unavailable: {e}");
+                return false;
+            }
+        };
+        match ctx.start_binlog(start) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("binlog capture still not possible: {e}");
+                false
             }
         }
     }
