@@ -83,6 +83,14 @@ impl Error {
     }
 }
 
+/// The text of a caught panic payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
 /// Every code the engine can produce, for docs and tests.
 pub const ALL_CODES: &[&str] = &[
     "USP_INVALID_CONFIG",

@@ -30,6 +30,19 @@ pub enum Op {
     Wake,
 }
 
+impl Op {
+    /// The pending call this operation settles (`Wake` settles none).
+    pub fn id(&self) -> Option<u32> {
+        match self {
+            Op::Put { id, .. }
+            | Op::Delete { id, .. }
+            | Op::Get { id, .. }
+            | Op::Shutdown { id } => Some(*id),
+            Op::Wake => None,
+        }
+    }
+}
+
 /// The outcome of one operation.
 #[derive(Debug)]
 pub enum Completion {

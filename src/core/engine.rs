@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::sink::BatchSink;
 use crate::source::mysql::MysqlStoreThread;
 use crate::source::sqlite::StoreThread;
-use crate::source::SourceStatus;
+use crate::source::{SourceStatus, StoreContext};
 use crate::store::{Completion, CompletionSink, Op};
 
 enum State {
@@ -130,20 +130,23 @@ impl Engine {
             batch_timeout: Duration::from_millis(cfg.batch_timeout_ms),
             max_in_flight: cfg.max_in_flight_batches,
         };
+        let store_ctx = StoreContext {
+            core: core.clone(),
+            completions,
+            rx: ops_rx,
+            init_id: id,
+            ready: ready.clone(),
+            connected: connected.clone(),
+            sink: events,
+            batch,
+            write_batch_size: cfg.write_batch_size,
+        };
         let mut source = None;
         let (name, body): (&str, Box<dyn FnOnce() + Send>) = match &cfg.backend {
             Backend::Sqlite(sqlite) => {
                 let store = StoreThread {
                     cfg: sqlite.clone(),
-                    write_batch_size: cfg.write_batch_size,
-                    core: core.clone(),
-                    completions,
-                    rx: ops_rx,
-                    init_id: id,
-                    ready: ready.clone(),
-                    connected: connected.clone(),
-                    sink: events,
-                    batch,
+                    ctx: store_ctx,
                     wake: ops_tx.clone(),
                 };
                 ("usp-sqlite", Box::new(move || store.run()))
@@ -154,15 +157,7 @@ impl Engine {
                 source = Some(status.clone());
                 let store = MysqlStoreThread {
                     server: server.clone(),
-                    write_batch_size: cfg.write_batch_size,
-                    core: core.clone(),
-                    completions,
-                    rx: ops_rx,
-                    init_id: id,
-                    ready: ready.clone(),
-                    connected: connected.clone(),
-                    sink: events,
-                    batch,
+                    ctx: store_ctx,
                     status,
                 };
                 ("usp-mysql-store", Box::new(move || store.run()))
@@ -176,11 +171,7 @@ impl Engine {
             .spawn(move || {
                 // A panic would leave promises unsettled; it is a bug, but never a crash.
                 if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
-                    let msg = p
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "panic".into());
+                    let msg = crate::error::panic_message(&*p);
                     tracing::error!("store thread panicked: {msg}");
                     on_panic.complete(vec![Completion::Fatal {
                         error: Error::Internal(format!("the store thread stopped: {msg}")),

@@ -9,7 +9,46 @@ pub mod sqlite;
 
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+
+use crate::core::batcher::BatchOptions;
+use crate::core::Core;
+use crate::sink::BatchSink;
+use crate::store::{Completion, CompletionSink, Op};
+
+/// What every store thread gets from the engine, whatever the backend.
+pub struct StoreContext {
+    pub core: Arc<Core>,
+    /// Settles the JavaScript promises.
+    pub completions: Arc<dyn CompletionSink>,
+    /// push/get/delete/close, in call order.
+    pub rx: Receiver<Op>,
+    /// The pending `init()` call, settled with `Ready` or `Failed`.
+    pub init_id: u32,
+    pub ready: Arc<AtomicBool>,
+    pub connected: Arc<AtomicBool>,
+    /// Where captured events go, and how they are batched.
+    pub sink: Arc<dyn BatchSink>,
+    pub batch: BatchOptions,
+    /// Most operations committed in one transaction.
+    pub write_batch_size: usize,
+}
+
+/// Refuses what is still queued after a close: every call is settled, never left hanging.
+pub fn refuse_queued(rx: Receiver<Op>, metrics: &crate::metrics::Metrics) -> Vec<Completion> {
+    let mut refused = Vec::new();
+    while let Ok(op) = rx.try_recv() {
+        if let Some(id) = op.id() {
+            metrics.write_queue_depth.fetch_sub(1, Relaxed);
+            refused.push(Completion::Failed {
+                id,
+                error: crate::error::Error::Closed("an operation queued"),
+            });
+        }
+    }
+    refused
+}
 
 /// What a server source reports in `getStatus()`: its mode, its connection state and what it
 /// found on the server. Written by the source threads, read by `getStatus()`.

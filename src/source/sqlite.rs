@@ -5,17 +5,17 @@
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::mpsc::{RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{validate_identifier, SqliteConfig, Synchronous};
-use crate::core::batcher::{BatchOptions, Batcher};
+use crate::core::batcher::Batcher;
 use crate::core::cache::CacheEntry;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::event::{json_or_string, now_us, Change, ChangeKind, ChangeLogSeq, Event, Position};
-use crate::sink::BatchSink;
+use crate::source::StoreContext;
 use crate::store::{Completion, CompletionSink, Op};
 
 /// Rows read from the change log per query at most.
@@ -153,16 +153,7 @@ type LogRow = (i64, Arc<str>, Option<Arc<str>>, i64, ChangeKind, i64);
 /// Everything the store thread needs.
 pub struct StoreThread {
     pub cfg: SqliteConfig,
-    pub write_batch_size: usize,
-    pub core: Arc<Core>,
-    pub completions: Arc<dyn CompletionSink>,
-    pub rx: Receiver<Op>,
-    pub init_id: u32,
-    pub ready: Arc<AtomicBool>,
-    pub connected: Arc<AtomicBool>,
-    /// Where captured events go, and how they are batched.
-    pub sink: Arc<dyn BatchSink>,
-    pub batch: BatchOptions,
+    pub ctx: StoreContext,
     /// A sender to this thread's own queue, for the delivery waker.
     pub wake: SyncSender<Op>,
 }
@@ -192,9 +183,8 @@ impl StoreThread {
     /// Runs the store: open, settle `init`, then serve operations and tail the change log until
     /// `Op::Shutdown` or until every sender is gone.
     pub fn run(self) {
-        let StoreThread {
-            cfg,
-            write_batch_size,
+        let StoreThread { cfg, ctx, wake } = self;
+        let StoreContext {
             core,
             completions,
             rx,
@@ -203,8 +193,8 @@ impl StoreThread {
             connected,
             sink,
             batch,
-            wake,
-        } = self;
+            write_batch_size,
+        } = ctx;
         let file_wake = wake.clone();
         let waker: crate::sink::Waker = Box::new(move || {
             // A full queue already holds work that will wake the thread.
@@ -298,18 +288,9 @@ impl StoreThread {
             }
         }
         store.batcher.drain(Duration::from_secs(5));
-        // Anything queued after the close is refused, never left hanging.
-        let mut refused = Vec::new();
-        while let Ok(op) = rx.try_recv() {
-            if let Some(id) = op_id(&op) {
-                core.metrics.write_queue_depth.fetch_sub(1, Relaxed);
-                refused.push(Completion::Failed {
-                    id,
-                    error: Error::Closed("an operation queued"),
-                });
-            }
-        }
-        drop(rx);
+        // Anything queued after the close is refused, never left hanging; the queue is dropped
+        // here, so later calls fail at once with USP_CLOSED.
+        let mut refused = crate::source::refuse_queued(rx, &core.metrics);
         // Stop every helper and close every connection before settling close(): the caller may
         // delete or reopen the file as soon as it resolves.
         drop(watch);
@@ -418,15 +399,6 @@ fn watch_wal(
     Some(watcher)
 }
 
-fn op_id(op: &Op) -> Option<u32> {
-    match op {
-        Op::Put { id, .. } | Op::Delete { id, .. } | Op::Get { id, .. } | Op::Shutdown { id } => {
-            Some(*id)
-        }
-        Op::Wake => None,
-    }
-}
-
 impl Store {
     fn new(
         conn: Connection,
@@ -483,7 +455,7 @@ impl Store {
                 for op in ops {
                     if let Op::Shutdown { id } = op {
                         shutdown = Some(id);
-                    } else if let Some(id) = op_id(&op) {
+                    } else if let Some(id) = op.id() {
                         done.push(Completion::Failed {
                             id,
                             error: e.clone(),

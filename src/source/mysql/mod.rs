@@ -21,16 +21,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::ServerConfig;
-use crate::core::batcher::BatchOptions;
 use crate::core::cache::CacheEntry;
 use crate::core::pipeline::Pipeline;
 use crate::core::pipeline::SourceMsg;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::event::json_or_string;
-use crate::sink::BatchSink;
-use crate::source::SourceStatus;
-use crate::store::{Completion, CompletionSink, Op};
+use crate::source::{SourceStatus, StoreContext};
+use crate::store::{Completion, Op};
 use binlog::{BinlogCapture, Checkpoint};
 use poll::Poller;
 
@@ -266,15 +264,7 @@ async fn server_facts(conn: &mut Conn) -> Result<ServerFacts> {
 /// Everything the MySQL store thread needs.
 pub struct MysqlStoreThread {
     pub server: ServerConfig,
-    pub write_batch_size: usize,
-    pub core: Arc<Core>,
-    pub completions: Arc<dyn CompletionSink>,
-    pub rx: Receiver<Op>,
-    pub init_id: u32,
-    pub ready: Arc<AtomicBool>,
-    pub connected: Arc<AtomicBool>,
-    pub sink: Arc<dyn BatchSink>,
-    pub batch: BatchOptions,
+    pub ctx: StoreContext,
     pub status: Arc<SourceStatus>,
 }
 
@@ -313,7 +303,10 @@ impl MysqlStoreThread {
     pub fn run(self) {
         let MysqlStoreThread {
             server,
-            write_batch_size,
+            ctx,
+            status,
+        } = self;
+        let StoreContext {
             core,
             completions,
             rx,
@@ -322,8 +315,8 @@ impl MysqlStoreThread {
             connected,
             sink,
             batch,
-            status,
-        } = self;
+            write_batch_size,
+        } = ctx;
         let fail = |e: Error, rx: Receiver<Op>| {
             tracing::debug!(code = e.code(), "mysql store failed to start: {e}");
             drop(rx);
@@ -501,17 +494,9 @@ impl MysqlStoreThread {
         if let Some(cp) = last {
             rt.block_on(store.save_checkpoint(&cp));
         }
-        let mut refused = Vec::new();
-        while let Ok(op) = rx.try_recv() {
-            if let Some(id) = op_id(&op) {
-                core.metrics.write_queue_depth.fetch_sub(1, Relaxed);
-                refused.push(Completion::Failed {
-                    id,
-                    error: Error::Closed("an operation queued"),
-                });
-            }
-        }
-        drop(rx);
+        // Anything queued after the close is refused; the queue is dropped here, so later calls
+        // fail at once with USP_CLOSED.
+        let mut refused = crate::source::refuse_queued(rx, &core.metrics);
         if let Some(c) = store.conn.take() {
             let _ = rt.block_on(c.disconnect());
         }
@@ -589,7 +574,7 @@ impl CaptureContext<'_> {
                 {
                     let e = Error::Internal(format!(
                         "binlog capture stopped: {}; changes after the saved checkpoint are delivered by the next streamer",
-                        panic_message(&p)
+                        crate::error::panic_message(&*p)
                     ));
                     tracing::error!("{e}");
                     guard_metrics.record_error(&e);
@@ -632,21 +617,6 @@ impl CaptureContext<'_> {
             finish: finish_flag,
             handle,
         })
-    }
-}
-
-/// The text of a caught panic.
-pub fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
-}
-
-fn op_id(op: &Op) -> Option<u32> {
-    match op {
-        Op::Put { id, .. } | Op::Delete { id, .. } | Op::Get { id, .. } => Some(*id),
-        Op::Shutdown { .. } | Op::Wake => None,
     }
 }
 
@@ -879,7 +849,7 @@ impl Store {
                         self.drop_conn_on_io(&e);
                         self.core.metrics.record_error(&e);
                         for op in &writes {
-                            if let Some(id) = op_id(op) {
+                            if let Some(id) = op.id() {
                                 done.push(Completion::Failed {
                                     id,
                                     error: e.clone(),
