@@ -184,6 +184,44 @@ export interface ResyncEvent {
   to: number;
 }
 
+/** Options of `watch()`. */
+export interface WatchOptions {
+  /** Which changes to deliver. Default: all three. */
+  operations?: Array<'insert' | 'update' | 'delete'>;
+}
+
+/**
+ * A row change of a watched table. Values keep their types: integers as numbers (as strings
+ * beyond ±2^53), DECIMAL as strings, DATE as 'YYYY-MM-DD', DATETIME as 'YYYY-MM-DDTHH:MM:SS.mmm'
+ * (no zone), TIMESTAMP as ISO UTC with 'Z', JSON columns parsed, binary columns as base64,
+ * ENUM as its label. Fractional seconds are delivered to the millisecond.
+ */
+export interface RowEvent<Row = Record<string, JsonValue>> {
+  type: 'insert' | 'update' | 'delete';
+  table: string;
+  /** The primary key columns (all columns when the table has none). */
+  key: Record<string, JsonValue>;
+  /** The row after the change; null for deletes. */
+  row: Row | null;
+  /** The row before an update or delete; null for inserts. */
+  before: Row | null;
+  /** Stable id from the binlog position: '<file number>:<event position>:<row index>'. */
+  id: string;
+  seq: number;
+  source: 'mysql';
+  /** When the statement ran, ms since the epoch (the binlog has one-second precision here). */
+  timestamp: number;
+  latency: number;
+}
+
+/** A watched table's columns changed. */
+export interface SchemaEvent {
+  type: 'schema';
+  source: string;
+  table: string;
+  columns: string[];
+}
+
 /** The source changed how it captures changes, and why. */
 export interface ModeEvent {
   type: 'mode';
@@ -275,6 +313,14 @@ export declare class UltimateStreamer extends EventEmitter {
   get<T extends JsonValue = JsonValue>(key: string): Promise<T | null>;
   /** Deletes a key; resolves true when it existed. */
   delete(key: string): Promise<boolean>;
+  /**
+   * MySQL/MariaDB: delivers every row change of `table` (any table of the connected database) as
+   * 'row' events, from the next transaction the binlog reader reads. Resolves once active.
+   * Rejects with USP_INVALID_ARGUMENT (no such table, bad name or options) or
+   * USP_UNSUPPORTED_BACKEND (the embedded store, or a MySQL streamer in polling mode).
+   */
+  watch(table: string, listener?: (e: RowEvent) => void): Promise<void>;
+  watch(table: string, options: WatchOptions, listener?: (e: RowEvent) => void): Promise<void>;
   /** Mode, throughput, latency percentiles, cache, queues and errors. Never contains secrets. */
   getStatus(): StreamerStatus;
   /** Finishes queued work, delivers what was committed, stops every thread; Node can then exit. */
@@ -283,10 +329,14 @@ export declare class UltimateStreamer extends EventEmitter {
   on(event: ChangeEventName, listener: (e: ChangeEvent) => void): this;
   on(event: ChangeEventName, filter: ListenerFilter, listener: (e: ChangeEvent) => void): this;
   /** Every delivered batch at once (after the per-event listeners). */
-  on(event: 'batch', listener: (events: Array<ChangeEvent | ResyncEvent | ModeEvent>) => void): this;
+  on(event: 'batch', listener: (events: Array<ChangeEvent | RowEvent | ResyncEvent | ModeEvent | SchemaEvent>) => void): this;
   on(event: 'resync', listener: (e: ResyncEvent) => void): this;
   /** The capture mode changed (MySQL: 'polling' when the binlog cannot be read, 'binlog' when it can again). */
   on(event: 'mode', listener: (e: ModeEvent) => void): this;
+  /** A row change of a table watched with `watch()`. */
+  on(event: 'row', listener: (e: RowEvent) => void): this;
+  /** The columns of a watched table changed (ALTER TABLE); the stream goes on. */
+  on(event: 'schema', listener: (e: SchemaEvent) => void): this;
   on(event: 'error', listener: (err: UspError) => void): this;
   on(event: 'ready' | 'close', listener: () => void): this;
   on(event: string | symbol, listener: (...args: any[]) => void): this;

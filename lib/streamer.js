@@ -189,6 +189,51 @@ class UltimateStreamer extends EventEmitter {
     }
   }
 
+  /**
+   * MySQL/MariaDB: delivers every row change of `table` (any table of the database) as 'row'
+   * events. Resolves once the watch is active. `options.operations` picks among 'insert',
+   * 'update' and 'delete' (default: all); `listener`, if given, is added as a 'row' listener
+   * for this table only.
+   */
+  watch(table, options, listener) {
+    if (typeof options === 'function') [options, listener] = [undefined, options];
+    try {
+      if (typeof table !== 'string' || table === '') {
+        throw new UspError('USP_INVALID_ARGUMENT', 'watch(table): `table` must be a non-empty string (a table name)');
+      }
+      if (options !== undefined && (options === null || typeof options !== 'object' || Array.isArray(options))) {
+        throw new UspError('USP_INVALID_ARGUMENT', 'watch(table, options): `options` must be an object like { operations: ["insert", "update"] }');
+      }
+      const allowed = ['insert', 'update', 'delete'];
+      for (const k of Object.keys(options || {})) {
+        if (k !== 'operations') throw new UspError('USP_INVALID_ARGUMENT', `watch(): unknown option \`${k}\`; allowed: operations`);
+      }
+      let ops = allowed;
+      if (options && options.operations !== undefined) {
+        ops = options.operations;
+        if (!Array.isArray(ops) || ops.some((o) => !allowed.includes(o))) {
+          throw new UspError('USP_INVALID_ARGUMENT', "watch(): `operations` must be an array of 'insert', 'update', 'delete'");
+        }
+      }
+      if (listener !== undefined && typeof listener !== 'function') {
+        throw new UspError('USP_INVALID_ARGUMENT', 'watch(table, options, listener): `listener` must be a function');
+      }
+      const id = this.#id();
+      this.#native.watch(id, table, ops.includes('insert'), ops.includes('update'), ops.includes('delete'));
+      const done = this.#wait(id);
+      if (listener) {
+        const filtered = (e) => {
+          if (e.table === table) listener.call(this, e);
+        };
+        filtered.listener = listener;
+        this.on('row', filtered);
+      }
+      return done.then(() => undefined);
+    } catch (e) {
+      return Promise.reject(fromNative(e));
+    }
+  }
+
   /** A snapshot of mode, throughput, latency, cache, queues and errors. Never contains secrets. */
   getStatus() {
     try {
@@ -251,7 +296,7 @@ class UltimateStreamer extends EventEmitter {
   }
 
   #onEvents(json, dispatchedAt) {
-    const names = ['change', 'insert', 'update', 'delete', 'batch', 'resync', 'mode'];
+    const names = ['change', 'insert', 'update', 'delete', 'batch', 'resync', 'mode', 'row', 'schema'];
     // Nobody listens: skip decoding, unless the batch may hold a resync (never silent).
     if (names.every((n) => this.listenerCount(n) === 0) && !json.includes('"type":"resync"')) return;
     let events;
@@ -275,12 +320,18 @@ class UltimateStreamer extends EventEmitter {
         else process.emitWarning(`ultimate-streaming resync: ${e.reason}`, { code: 'USP_RESYNC' });
         continue;
       }
-      if (e.type === 'mode') {
-        const ls = this.rawListeners('mode');
-        if (ls.length) this.#emitSafe(ls, 'mode', e);
+      if (e.type === 'mode' || e.type === 'schema') {
+        const ls = this.rawListeners(e.type);
+        if (ls.length) this.#emitSafe(ls, e.type, e);
         continue;
       }
       e.latency = dispatchedAt - e.timestamp;
+      if (e.table !== undefined) {
+        // A row of a watched table (watch()), not a key-value change.
+        const ls = this.rawListeners('row');
+        if (ls.length) this.#emitSafe(ls, 'row', e);
+        continue;
+      }
       if (!perEvent) continue;
       if (change.length) this.#emitSafe(change, 'change', e);
       const ls = typed[e.type];

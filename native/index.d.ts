@@ -25,6 +25,8 @@ export declare class NativeStreamer {
   push(id: number, key: string, json: string): void
   /** Queues a delete; settled through `onComplete`. */
   delete(id: number, key: string): void
+  /** Queues a watch of a MySQL table's rows; settled through `onComplete`. */
+  watch(id: number, table: string, insert: boolean, update: boolean, delete: boolean): void
   /**
    * Returns the value's JSON from the cache (`"null"` when known absent), or `undefined`
    * when a store read was queued (settled through `onComplete`).

@@ -82,6 +82,11 @@ pub struct Change {
     pub source: &'static str,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_ts_us: i64,
+    /// A row of a watched table (`watch()`): the table name. `key` then holds the primary key
+    /// as a JSON object, `data` the row after the change (null for deletes).
+    pub table: Option<Arc<str>>,
+    /// A watched row before an update or delete, as a JSON object.
+    pub before: Option<Arc<str>>,
 }
 
 /// What the delivery sinks receive.
@@ -96,6 +101,12 @@ pub enum Event {
         from: u64,
         to: u64,
     },
+    /// The columns of a watched table changed (DDL); `columns` is a JSON array of names.
+    Schema {
+        source: &'static str,
+        table: Arc<str>,
+        columns: String,
+    },
     /// The source changed how it captures (e.g. `binlog` → `polling`), and why.
     Mode {
         source: &'static str,
@@ -106,10 +117,13 @@ pub enum Event {
 
 impl Event {
     /// Commit time of a data change, if it is one.
+    /// Commit time of a key-value change, for the latency histogram. Rows of watched tables
+    /// are left out: their binlog timestamp has one-second precision.
     pub fn commit_ts_us(&self) -> Option<i64> {
         match self {
+            Event::Change(c) if c.table.is_some() => None,
             Event::Change(c) => Some(c.commit_ts_us),
-            Event::Resync { .. } | Event::Mode { .. } => None,
+            Event::Resync { .. } | Event::Mode { .. } | Event::Schema { .. } => None,
         }
     }
 }
@@ -135,6 +149,34 @@ pub fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
+/// A row of a watched table: `{"type","table","key","row","before","id","seq","source",
+/// "timestamp","latency"}`. `id` names the row's binlog position (file number, event position,
+/// row index), so the same row change always has the same id.
+fn push_row(out: &mut String, c: &Change) {
+    out.push_str("{\"type\":\"");
+    out.push_str(c.kind.as_str());
+    out.push_str("\",\"table\":");
+    push_json_string(out, c.table.as_deref().unwrap_or(""));
+    out.push_str(",\"key\":");
+    out.push_str(&c.key);
+    out.push_str(",\"row\":");
+    out.push_str(c.data.as_deref().unwrap_or("null"));
+    out.push_str(",\"before\":");
+    out.push_str(c.before.as_deref().unwrap_or("null"));
+    let id = match c.position {
+        Position::Binlog(b) => format!("{}:{}:{}", b.file_index, b.event_pos, b.row),
+        other => other.ordinal().to_string(),
+    };
+    let _ = write!(
+        out,
+        ",\"id\":\"{id}\",\"seq\":{},\"source\":\"{}\",\"timestamp\":{}.{:03},\"latency\":0}}",
+        c.seq,
+        c.source,
+        c.commit_ts_us.div_euclid(1000),
+        c.commit_ts_us.rem_euclid(1000)
+    );
+}
+
 /// Encodes a batch as one JSON array: the cheapest shape to hand to JavaScript (one string,
 /// one `JSON.parse`), and the payload the WebSocket hub will reuse. Values are embedded as the
 /// JSON text they were stored as, never re-parsed.
@@ -144,6 +186,7 @@ pub fn encode_batch(events: &[Event]) -> String {
         .map(|e| match e {
             Event::Change(c) => 128 + c.key.len() + c.data.as_ref().map_or(4, |d| d.len()),
             Event::Resync { reason, .. } | Event::Mode { reason, .. } => 96 + reason.len(),
+            Event::Schema { columns, .. } => 96 + columns.len(),
         })
         .sum();
     let mut out = String::with_capacity(cap + 2);
@@ -153,6 +196,7 @@ pub fn encode_batch(events: &[Event]) -> String {
             out.push(',');
         }
         match e {
+            Event::Change(c) if c.table.is_some() => push_row(&mut out, c),
             Event::Change(c) => {
                 out.push_str("{\"type\":\"");
                 out.push_str(c.kind.as_str());
@@ -184,6 +228,20 @@ pub fn encode_batch(events: &[Event]) -> String {
                 out.push_str("\",\"reason\":");
                 push_json_string(&mut out, reason);
                 let _ = write!(out, ",\"from\":{from},\"to\":{to}}}");
+            }
+            Event::Schema {
+                source,
+                table,
+                columns,
+            } => {
+                let _ = write!(
+                    out,
+                    "{{\"type\":\"schema\",\"source\":\"{source}\",\"table\":"
+                );
+                push_json_string(&mut out, table);
+                out.push_str(",\"columns\":");
+                out.push_str(columns);
+                out.push('}');
             }
             Event::Mode {
                 source,
@@ -236,6 +294,8 @@ mod tests {
             position: Position::ChangeLog(ChangeLogSeq(4)),
             source: "sqlite",
             commit_ts_us: 1_700_000_000_123_456,
+            table: None,
+            before: None,
         }))
     }
 

@@ -22,6 +22,14 @@ pub enum Op {
         id: u32,
         key: Arc<str>,
     },
+    /// Start delivering row changes of `table` (MySQL); settled with `Ready` once active.
+    Watch {
+        id: u32,
+        table: String,
+        insert: bool,
+        update: bool,
+        delete: bool,
+    },
     /// Finish queued work, deliver what is committed, then stop; `id` is settled when done.
     Shutdown {
         id: u32,
@@ -37,6 +45,7 @@ impl Op {
             Op::Put { id, .. }
             | Op::Delete { id, .. }
             | Op::Get { id, .. }
+            | Op::Watch { id, .. }
             | Op::Shutdown { id } => Some(*id),
             Op::Wake => None,
         }

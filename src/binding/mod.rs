@@ -167,6 +167,22 @@ impl NativeStreamer {
         guard(&env, || self.engine.delete(id, &key))
     }
 
+    /// Queues a watch of a MySQL table's rows; settled through `onComplete`.
+    #[napi]
+    pub fn watch(
+        &self,
+        env: Env,
+        id: u32,
+        table: String,
+        insert: bool,
+        update: bool,
+        delete: bool,
+    ) -> napi::Result<()> {
+        guard(&env, || {
+            self.engine.watch(id, &table, insert, update, delete)
+        })
+    }
+
     /// Returns the value's JSON from the cache (`"null"` when known absent), or `undefined`
     /// when a store read was queued (settled through `onComplete`).
     #[napi]

@@ -176,6 +176,8 @@ mod tests {
             position: Position::ChangeLog(ChangeLogSeq(seq)),
             source: "t",
             commit_ts_us: 0,
+            table: None,
+            before: None,
         }))
     }
 

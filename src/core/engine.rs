@@ -247,6 +247,35 @@ impl Engine {
         )
     }
 
+    /// Starts delivering row changes of `table` (MySQL/MariaDB); `id` is settled once active.
+    pub fn watch(
+        &self,
+        id: u32,
+        table: &str,
+        insert: bool,
+        update: bool,
+        delete: bool,
+    ) -> Result<()> {
+        crate::config::validate_identifier(table, "watch(table)")
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        if !(insert || update || delete) {
+            return Err(Error::InvalidArgument(
+                "watch(): `operations` selects nothing; give some of 'insert', 'update', 'delete'"
+                    .into(),
+            ));
+        }
+        self.submit(
+            "watch()",
+            Op::Watch {
+                id,
+                table: table.to_string(),
+                insert,
+                update,
+                delete,
+            },
+        )
+    }
+
     /// Answers from the cache, or queues a store read.
     pub fn get(&self, id: u32, key: &str) -> Result<Lookup> {
         validate_key(key, self.config.max_key_length)?;

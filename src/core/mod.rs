@@ -73,7 +73,7 @@ impl Core {
         }
         if let Some(cache) = &self.cache {
             // Keep cached keys current; keys nobody read are not pulled into the cache.
-            for c in &admitted {
+            for c in admitted.iter().filter(|c| c.table.is_none()) {
                 if !c.versioned {
                     // Its version says nothing (a SQL write that left it, or a SQL DELETE after
                     // which versions restart): drop the entry rather than compare.

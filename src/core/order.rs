@@ -53,7 +53,7 @@ impl Sequencer {
         if logged && matches!(self.last_position, Some(last) if pos <= last) {
             return Admission::DuplicatePosition;
         }
-        if c.versioned {
+        if c.versioned && c.table.is_none() {
             if let Some(&v) = self.versions.get(&c.key) {
                 if c.version <= v {
                     // Still move the position forward: this entry of the log is consumed.
@@ -67,7 +67,9 @@ impl Sequencer {
         if logged {
             self.last_position = Some(pos);
         }
-        if !c.versioned && c.kind == ChangeKind::Delete {
+        if c.table.is_some() {
+            // A row of a watched table: no key-value versions to remember.
+        } else if !c.versioned && c.kind == ChangeKind::Delete {
             self.versions.pop(&c.key);
         } else {
             self.versions.put(c.key.clone(), c.version);
@@ -105,6 +107,8 @@ mod tests {
             position: Position::ChangeLog(ChangeLogSeq(pos)),
             source: "test",
             commit_ts_us: 0,
+            table: None,
+            before: None,
         }
     }
 

@@ -29,6 +29,8 @@ pub enum SourceMsg<C> {
     },
     /// The source changed how it captures; listeners get a `mode` event.
     Mode { mode: &'static str, reason: String },
+    /// A notice for listeners (e.g. a watched table's columns changed).
+    Notice(Event),
     /// Deliver what was received, then stop.
     Stop,
 }
@@ -141,6 +143,10 @@ fn run<C: Clone>(
                     }],
                     Instant::now(),
                 );
+                true
+            }
+            SourceMsg::Notice(e) => {
+                batcher.push(vec![e], Instant::now());
                 true
             }
             SourceMsg::Stop => false,

@@ -524,6 +524,12 @@ impl Store {
                     Ok(None) => done.push(Completion::Got { id, value: None }),
                     Err(e) => done.push(Completion::Failed { id, error: e }),
                 },
+                Op::Watch { id, table, .. } => done.push(Completion::Failed {
+                    id,
+                    error: Error::UnsupportedBackend(format!(
+                        "watch('{table}') streams the rows of a MySQL/MariaDB table; the embedded store has only its key-value table (use on('change'))"
+                    )),
+                }),
                 Op::Shutdown { id } => shutdown = Some(id),
                 Op::Wake => {}
             }
@@ -686,6 +692,8 @@ impl Store {
                     position: Position::ChangeLog(ChangeLogSeq(seq as u64)),
                     source: "sqlite",
                     commit_ts_us: ts,
+                    table: None,
+                    before: None,
                 }
             })
             .collect();

@@ -20,10 +20,11 @@ use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::rows::{Layout, Watches};
 use super::{Conninfo, Resume};
 use crate::core::pipeline::SourceMsg;
 use crate::error::Error;
-use crate::event::{json_or_string, now_us, BinlogPosition, Change, ChangeKind, Position};
+use crate::event::{json_or_string, now_us, BinlogPosition, Change, ChangeKind, Event, Position};
 use crate::metrics::Metrics;
 use crate::source::SourceStatus;
 
@@ -99,6 +100,15 @@ pub struct BinlogCapture {
     pub metrics: Arc<Metrics>,
     /// Told once: `Ok` when the first stream is live, or why the first attempt failed.
     pub live: Option<SyncSender<Result<(), String>>>,
+    /// Tables watched with `watch()`.
+    pub watches: Watches,
+}
+
+/// What a table id of the current stream refers to.
+enum Table {
+    Kv,
+    Watched(Arc<str>, Arc<Layout>),
+    Other,
 }
 
 /// Why a replication session ended.
@@ -229,7 +239,9 @@ impl BinlogCapture {
             tracing::info!(attempt = *attempt, "binlog stream reconnected");
         }
         let mut file = cp.file.clone();
-        let mut tables: HashMap<u64, bool> = HashMap::new();
+        let mut tables: HashMap<u64, Table> = HashMap::new();
+        // Column names last seen per watched table, to notice DDL.
+        let mut schemas: HashMap<String, Vec<String>> = HashMap::new();
         let mut kv_columns: Option<KvColumns> = KvColumns::from_names(&self.columns);
         let mut pending: Vec<Change> = Vec::new();
         let mut saw_rows = false;
@@ -275,7 +287,9 @@ impl BinlogCapture {
                 let table_id = packet
                     .get(20..26)
                     .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], 0, 0]));
-                if !table_id.is_some_and(|id| tables.get(&id).copied().unwrap_or(false)) {
+                if !table_id.is_some_and(|id| {
+                    matches!(tables.get(&id), Some(Table::Kv | Table::Watched(..)))
+                }) {
                     continue;
                 }
             }
@@ -302,8 +316,9 @@ impl BinlogCapture {
                     }
                 }
                 BinlogEvent::TableMapEvent(t) => {
-                    let ours = t.database_name == self.info.database && t.table_name == self.table;
-                    if ours {
+                    let kind = if t.database_name != self.info.database {
+                        Table::Other
+                    } else if t.table_name == self.table {
                         if let Some(names) = t
                             .table_metadata
                             .as_ref()
@@ -313,45 +328,139 @@ impl BinlogCapture {
                                 kv_columns = Some(c);
                             }
                         }
-                    }
-                    tables.insert(t.table_id, ours);
+                        Table::Kv
+                    } else {
+                        let spec = self
+                            .watches
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&t.table_name)
+                            .cloned();
+                        match spec {
+                            Some(spec) => {
+                                let layout = Layout::new(&t, &spec);
+                                let seen =
+                                    schemas.insert(t.table_name.clone(), layout.names.clone());
+                                if seen.is_some_and(|old| old != layout.names) {
+                                    // The table's columns changed (DDL): say so, then go on.
+                                    let _ = self.tx.send(SourceMsg::Notice(Event::Schema {
+                                        source: "mysql",
+                                        table: t.table_name.as_str().into(),
+                                        columns: serde_json::Value::from(layout.names.clone())
+                                            .to_string(),
+                                    }));
+                                }
+                                Table::Watched(t.table_name.as_str().into(), Arc::new(layout))
+                            }
+                            None => Table::Other,
+                        }
+                    };
+                    tables.insert(t.table_id, kind);
                 }
                 BinlogEvent::WriteRowsEvent(w) => {
                     saw_rows = true;
-                    for (i, row) in w.rows.iter().enumerate() {
-                        if let Some(c) = kv_columns.and_then(|cols| {
-                            kv_change(cols, None, row, &file, event_pos, i, header.timestamp)
-                        }) {
-                            pending.push(c);
+                    match tables.get(&w.table_id) {
+                        Some(Table::Kv) => {
+                            for (i, row) in w.rows.iter().enumerate() {
+                                if let Some(c) = kv_columns.and_then(|cols| {
+                                    kv_change(
+                                        cols,
+                                        None,
+                                        row,
+                                        &file,
+                                        event_pos,
+                                        i,
+                                        header.timestamp,
+                                    )
+                                }) {
+                                    pending.push(c);
+                                }
+                            }
                         }
+                        Some(Table::Watched(name, l)) if l.operations.insert => {
+                            for (i, row) in w.rows.iter().enumerate() {
+                                pending.push(row_change(
+                                    name,
+                                    l,
+                                    ChangeKind::Insert,
+                                    None,
+                                    Some(row),
+                                    &file,
+                                    event_pos,
+                                    i,
+                                    header.timestamp,
+                                ));
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 BinlogEvent::UpdateRowsEvent(u) => {
                     saw_rows = true;
-                    for (i, row) in u.rows.iter().enumerate() {
-                        if let Some(c) = kv_columns.and_then(|cols| {
-                            kv_change(
-                                cols,
-                                Some(&row.before_update),
-                                &row.after_update,
-                                &file,
-                                event_pos,
-                                i,
-                                header.timestamp,
-                            )
-                        }) {
-                            pending.push(c);
+                    match tables.get(&u.table_id) {
+                        Some(Table::Kv) => {
+                            for (i, row) in u.rows.iter().enumerate() {
+                                if let Some(c) = kv_columns.and_then(|cols| {
+                                    kv_change(
+                                        cols,
+                                        Some(&row.before_update),
+                                        &row.after_update,
+                                        &file,
+                                        event_pos,
+                                        i,
+                                        header.timestamp,
+                                    )
+                                }) {
+                                    pending.push(c);
+                                }
+                            }
                         }
+                        Some(Table::Watched(name, l)) if l.operations.update => {
+                            for (i, row) in u.rows.iter().enumerate() {
+                                pending.push(row_change(
+                                    name,
+                                    l,
+                                    ChangeKind::Update,
+                                    Some(&row.before_update),
+                                    Some(&row.after_update),
+                                    &file,
+                                    event_pos,
+                                    i,
+                                    header.timestamp,
+                                ));
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 BinlogEvent::DeleteRowsEvent(d) => {
                     saw_rows = true;
-                    for (i, row) in d.rows.iter().enumerate() {
-                        if let Some(c) = kv_columns.and_then(|cols| {
-                            kv_delete(cols, row, &file, event_pos, i, header.timestamp)
-                        }) {
-                            pending.push(c);
+                    match tables.get(&d.table_id) {
+                        Some(Table::Kv) => {
+                            for (i, row) in d.rows.iter().enumerate() {
+                                if let Some(c) = kv_columns.and_then(|cols| {
+                                    kv_delete(cols, row, &file, event_pos, i, header.timestamp)
+                                }) {
+                                    pending.push(c);
+                                }
+                            }
                         }
+                        Some(Table::Watched(name, l)) if l.operations.delete => {
+                            for (i, row) in d.rows.iter().enumerate() {
+                                pending.push(row_change(
+                                    name,
+                                    l,
+                                    ChangeKind::Delete,
+                                    Some(row),
+                                    None,
+                                    &file,
+                                    event_pos,
+                                    i,
+                                    header.timestamp,
+                                ));
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 BinlogEvent::XidEvent(_) => {
@@ -497,7 +606,48 @@ fn kv_change(
         position: position(file, event_pos, row),
         source: "mysql",
         commit_ts_us: commit_us(cols, after, header_ts),
+        table: None,
+        before: None,
     })
+}
+
+/// A row of a watched table. Delivered by binlog position (no version involved).
+#[allow(clippy::too_many_arguments)]
+fn row_change(
+    table: &Arc<str>,
+    layout: &Layout,
+    kind: ChangeKind,
+    before: Option<&RowData>,
+    after: Option<&RowData>,
+    file: &str,
+    event_pos: u32,
+    row: usize,
+    header_ts: u32,
+) -> Change {
+    let after = after.map(|r| layout.to_json(r));
+    let before = before.map(|r| layout.to_json(r));
+    let key = after
+        .as_ref()
+        .or(before.as_ref())
+        .map(|(_, k)| k.clone())
+        .unwrap_or_else(|| "null".into());
+    Change {
+        kind,
+        key: key.into(),
+        data: after.map(|(r, _)| r.into()),
+        version: 0,
+        versioned: false,
+        seq: 0,
+        position: position(file, event_pos, row),
+        source: "mysql",
+        commit_ts_us: if header_ts > 0 {
+            header_ts as i64 * 1_000_000
+        } else {
+            now_us()
+        },
+        table: Some(table.clone()),
+        before: before.map(|(r, _)| r.into()),
+    }
 }
 
 /// A row removed with SQL DELETE (our own deletes keep a tombstone instead).
@@ -526,6 +676,8 @@ fn kv_delete(
         } else {
             now_us()
         },
+        table: None,
+        before: None,
     })
 }
 

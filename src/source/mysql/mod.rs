@@ -10,6 +10,7 @@
 
 pub mod binlog;
 pub mod poll;
+pub mod rows;
 
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts, OptsBuilder, TxOpts, Value as SqlValue};
@@ -31,6 +32,7 @@ use crate::source::{SourceStatus, StoreContext};
 use crate::store::{Completion, Op};
 use binlog::{BinlogCapture, Checkpoint};
 use poll::Poller;
+use rows::{ColumnInfo, Operations, WatchSpec, Watches};
 
 /// How long `init()` waits for the server before failing with `USP_DB_UNAVAILABLE`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -366,6 +368,7 @@ impl MysqlStoreThread {
             status: status.clone(),
             metrics: core.metrics.clone(),
             stop: Arc::new(AtomicBool::new(false)),
+            watches: Watches::default(),
         };
         let saved = started.saved.clone();
         let fast_path = match (server.use_change_streams, started.facts.binlog_problem()) {
@@ -450,7 +453,48 @@ impl MysqlStoreThread {
                     }
                     ops.retain(|o| !matches!(o, Op::Wake));
                     core.metrics.write_queue_depth.fetch_sub(ops.len(), Relaxed);
-                    let (done, stop_id) = rt.block_on(store.execute(ops));
+                    let (watch_ops, ops): (Vec<Op>, Vec<Op>) =
+                        ops.into_iter().partition(|o| matches!(o, Op::Watch { .. }));
+                    let mut done = Vec::new();
+                    for w in watch_ops {
+                        let Op::Watch {
+                            id,
+                            table,
+                            insert,
+                            update,
+                            delete,
+                        } = w
+                        else {
+                            continue;
+                        };
+                        let r = if poller.is_some() {
+                            Err(Error::UnsupportedBackend(format!(
+                                "watch('{table}') needs binlog capture, and this streamer is polling (see getStatus().source.server); give the user REPLICATION SLAVE and REPLICATION CLIENT and turn on the binary log"
+                            )))
+                        } else {
+                            rt.block_on(store.watch_spec(
+                                &table,
+                                Operations {
+                                    insert,
+                                    update,
+                                    delete,
+                                },
+                            ))
+                        };
+                        done.push(match r {
+                            Ok(spec) => {
+                                tracing::info!(table = %spec.table, "watching table");
+                                ctx.watches
+                                    .write()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(spec.table.clone(), Arc::new(spec));
+                                Completion::Ready { id }
+                            }
+                            Err(error) => Completion::Failed { id, error },
+                        });
+                    }
+                    let (more, stop_id) = rt.block_on(store.execute(ops));
+                    done.extend(more);
                     shutdown = stop_id;
                     connected.store(store.conn.is_some(), Relaxed);
                     if !done.is_empty() {
@@ -522,6 +566,7 @@ struct CaptureContext<'a> {
     metrics: Arc<crate::metrics::Metrics>,
     /// Set at close: every capture thread stops.
     stop: Arc<AtomicBool>,
+    watches: Watches,
 }
 
 /// A running poller.
@@ -563,6 +608,7 @@ impl CaptureContext<'_> {
             status: self.status.clone(),
             metrics: self.metrics.clone(),
             live: Some(live_tx),
+            watches: self.watches.clone(),
         };
         let (guard_status, guard_metrics) = (self.status.clone(), self.metrics.clone());
         std::thread::Builder::new()
@@ -815,6 +861,60 @@ impl Store {
         }
     }
 
+    /// Reads what decoding `table`'s rows needs from information_schema.
+    async fn watch_spec(&mut self, table: &str, operations: Operations) -> Result<WatchSpec> {
+        crate::config::validate_identifier(table, "watch(table)")
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let db = self.info.database.clone();
+        let conn = self.conn().await?;
+        let e = |e| sql_error(e, "watch(): reading the table's columns");
+        type Col = (String, String, String, String);
+        let cols: Vec<Col> = conn
+            .exec(
+                "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, COLUMN_KEY FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+                (db.clone(), table),
+            )
+            .await
+            .map_err(e)?;
+        if cols.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "watch('{table}'): there is no table `{table}` in database `{db}`"
+            )));
+        }
+        // MariaDB's JSON is LONGTEXT with a json_valid() check named after the column.
+        let checks: Vec<String> = conn
+            .exec(
+                "SELECT CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ?",
+                (db, table),
+            )
+            .await
+            .unwrap_or_default();
+        let columns = cols
+            .into_iter()
+            .map(|(name, data_type, column_type, key)| {
+                let dt = data_type.to_ascii_lowercase();
+                ColumnInfo {
+                    json: dt == "json"
+                        || checks
+                            .iter()
+                            .any(|c| c.replace(' ', "") == format!("json_valid(`{name}`)")),
+                    binary: matches!(
+                        dt.as_str(),
+                        "binary" | "varbinary" | "blob" | "tinyblob" | "mediumblob" | "longblob"
+                    ),
+                    unsigned: column_type.to_ascii_lowercase().contains("unsigned"),
+                    primary: key == "PRI",
+                    name,
+                }
+            })
+            .collect();
+        Ok(WatchSpec {
+            table: table.to_string(),
+            columns,
+            operations,
+        })
+    }
+
     fn drop_conn_on_io(&mut self, e: &Error) {
         if matches!(e, Error::DbUnavailable(_)) {
             self.conn = None;
@@ -831,7 +931,7 @@ impl Store {
                 Op::Put { .. } | Op::Delete { .. } => writes.push(op),
                 Op::Get { id, key } => reads.push((id, key)),
                 Op::Shutdown { id } => shutdown = Some(id),
-                Op::Wake => {}
+                Op::Watch { .. } | Op::Wake => {}
             }
         }
         let mut done = Vec::with_capacity(writes.len() + reads.len());

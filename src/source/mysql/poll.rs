@@ -159,6 +159,8 @@ impl Poller {
                         position: Position::Poll(PollPosition(ts_us)),
                         source: "mysql",
                         commit_ts_us: ts_us,
+                        table: None,
+                        before: None,
                     }
                 })
                 .collect();
