@@ -1,0 +1,1105 @@
+'use strict';
+// MySQL/MariaDB: ultimate-streaming against its peers on one private MariaDB (binlog on), same run.
+//
+// The script starts its own MariaDB with scripts/mariadb.sh (a temp data dir, a free port on
+// 127.0.0.1, binlog_format=ROW, binlog_row_metadata=FULL) and stops it at the end, also on failure.
+// Every run uses a fresh table with the engine's schema (the tables of the peers are created
+// `LIKE` a table the engine created). Peers:
+//   usp            ultimate-streaming, binlog capture (`database: 'mysql'`, default options)
+//   zongji         @vlasky/zongji, the maintained Node binlog listener (row events decoded in JS;
+//                  its listener reads `k`/`version` of the rows and does not JSON.parse `v`,
+//                  while ours delivers parsed `data`)
+//   usp poll N ms  ultimate-streaming with `useChangeStreams: false, pollingInterval: N`
+//   mysql2         plain single-row upserts through a mysql2 pool (push throughput only)
+// Sections, each measured in every round; within a section the modes alternate their order round
+// by round; medians over the rounds are reported, ratios are computed from the medians of this run:
+// 1. Latency: one mysql2 connection writes LATENCY_WRITES rows one at a time (distinct keys,
+//    `INSERT ... ON DUPLICATE KEY UPDATE`, prepared); after each write it waits for the listener to
+//    see that row before the next one. Latency = listener time - time the write was sent (same
+//    process, process.hrtime). A few warm-up writes are not measured. The polling modes wait a
+//    random 0..interval ms before each write, so writes land at a random phase of the poll timer
+//    (otherwise every write would follow a poll and wait a whole interval); so each of their writes
+//    costs one interval on average, and they write fewer rows: 60 per round at 100 ms and 6 per
+//    round at 2,000 ms by default (18 over 3 rounds; their p99 is the max of 6).
+// 2. Events/s delivered to JS:
+//    live     a child process (mysql2 pool of WRITERS connections) upserts LIVE_ROWS rows with
+//             distinct keys, one row per statement, WRITERS at a time, while the listener runs.
+//             events/s = rows / (last row seen - writers started) (wall clock in both processes);
+//             the writers' own rows/s is reported next to it, so it shows whether capture keeps up
+//             (events/s cannot exceed it), and so is the CPU time of this process (all threads:
+//             JS, the engine's native threads) per 1,000 rows, from the writers' start to the last row.
+//    catch-up a streamer opens a fresh table, sees one row, and is closed (its checkpoint is
+//             saved); the binlog position (SHOW MASTER STATUS) is taken; the child process writes
+//             CATCHUP_ROWS rows the same way while nothing listens. Then both read the same rows,
+//             one after the other: a new streamer with the same table and checkpointName, and
+//             zongji started at the saved filename/position. events/s = rows / (last row seen -
+//             listener start (before new + init(), or before start())); the rate from the first to
+//             the last row and the CPU per 1,000 rows are shown too.
+// 3. Push throughput: PUSHERS async loops share a counter of PUSHES operations over PUSH_KEYS
+//    keys (round robin), each awaiting its operation before taking the next: `await s.push(k, v)`
+//    (no listener) vs `await pool.execute(upsert)` on a mysql2 pool of POOL connections.
+//    After each run SUM(version) of the table is checked against the number of upserts.
+// Every row is checked off by key (and version): missing, duplicated or unknown rows, failed
+// writes and runs cut short by a time bound are listed as PROBLEMS and the exit code is 1.
+// The polling streamers print one WARN line on stderr (binlog capture not used, as asked).
+// Traffic goes only to 127.0.0.1. Every loop is bounded in count and time; after round 1 a run
+// that would pass --budget seconds (judged by the longest earlier run of that mode) is skipped.
+//
+//   node benchmark/mysql.js [--rounds=3] [--latency-writes=2000] [--poll100-writes=60]
+//     [--poll2000-writes=6] [--live-rows=20000] [--writers=8] [--catchup-rows=20000]
+//     [--pushes=20000] [--pushers=64] [--push-keys=200] [--pool=8] [--timeout=60] [--budget=170]
+
+const fs = require('node:fs');
+const os = require('node:os');
+const net = require('node:net');
+const path = require('node:path');
+const { spawn, execFileSync } = require('node:child_process');
+const {
+  ROOT,
+  nowMs,
+  sleep,
+  waitFor,
+  summarize,
+  median,
+  fmt,
+  printTable,
+  runMain,
+  writeResult,
+  machineFacts,
+  loadStreamer,
+  commandFor,
+  numberArg,
+} = require('./common');
+
+const ROUNDS = Math.floor(numberArg('rounds', 3));
+const LATENCY_WRITES = Math.floor(numberArg('latency-writes', 2000));
+const POLL100_WRITES = Math.floor(numberArg('poll100-writes', 60));
+const POLL2000_WRITES = Math.floor(numberArg('poll2000-writes', 6));
+const LIVE_ROWS = Math.floor(numberArg('live-rows', 20_000));
+const WRITERS = Math.floor(numberArg('writers', 8));
+const CATCHUP_ROWS = Math.floor(numberArg('catchup-rows', 20_000));
+const PUSHES = Math.floor(numberArg('pushes', 20_000));
+const PUSHERS = Math.floor(numberArg('pushers', 64));
+const PUSH_KEYS = Math.floor(numberArg('push-keys', 200));
+const POOL = Math.floor(numberArg('pool', 8));
+const TIMEOUT_MS = numberArg('timeout', 60) * 1000; // bound of one run's writes, and of its wait for rows
+const BUDGET_MS = numberArg('budget', 170) * 1000;
+const PUSH_WARMUP = Math.min(500, PUSHES);
+
+const SCRIPT = path.join(ROOT, 'scripts', 'mariadb.sh');
+const USER = 'usp';
+const PASSWORD = 'usp-test-pw';
+const DATABASE = 'usp_test';
+const HOST = '127.0.0.1';
+const VALUE_PAD = 'abcdefghijklmnopqrstuvwxyz0123456789';
+
+const LATENCY_MODES = [
+  { name: 'usp', label: 'ultimate-streaming (binlog)', kind: 'usp', writes: LATENCY_WRITES, warmup: 20, thinkMs: 0, cycleMs: 5 },
+  { name: 'zongji', label: '@vlasky/zongji (binlog)', kind: 'zongji', writes: LATENCY_WRITES, warmup: 20, thinkMs: 0, cycleMs: 5 },
+  {
+    name: 'usp-poll-100',
+    label: 'ultimate-streaming, polling 100 ms',
+    kind: 'usp',
+    options: { useChangeStreams: false, pollingInterval: 100 },
+    writes: POLL100_WRITES,
+    warmup: 1,
+    thinkMs: 100,
+    cycleMs: 100,
+  },
+  {
+    name: 'usp-poll-2000',
+    label: 'ultimate-streaming, polling 2,000 ms',
+    kind: 'usp',
+    options: { useChangeStreams: false, pollingInterval: 2000 },
+    writes: POLL2000_WRITES,
+    warmup: 1,
+    thinkMs: 2000,
+    cycleMs: 2000,
+  },
+];
+const PAIR_MODES = [
+  { name: 'usp', label: 'ultimate-streaming (binlog)', kind: 'usp' },
+  { name: 'zongji', label: '@vlasky/zongji', kind: 'zongji' },
+];
+const PUSH_MODES = [
+  { name: 'usp', label: `ultimate-streaming push(), ${PUSHERS} pushers`, kind: 'usp' },
+  { name: 'mysql2', label: `mysql2 pool of ${POOL}, ${PUSHERS} concurrent upserts`, kind: 'mysql2' },
+];
+
+function ratioCell(v) {
+  return Number.isNaN(v) ? 'n/a' : `${fmt(v)}x`;
+}
+
+function wallMs() {
+  return performance.timeOrigin + performance.now();
+}
+
+function upsertSql(table) {
+  return `INSERT INTO \`${table}\` (k, v, version) VALUES (?, ?, 1) ON DUPLICATE KEY UPDATE v = VALUES(v), version = version + 1`;
+}
+
+function valueJson(i) {
+  return `{"i":${i},"p":"${VALUE_PAD}"}`;
+}
+
+let tableNo = 0;
+function freshTable() {
+  tableNo += 1;
+  return `bench_kv_${tableNo}`;
+}
+
+let serverIdNo = 1000;
+function nextServerId() {
+  serverIdNo += 1;
+  return serverIdNo;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The private server
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, HOST, () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+function mariadbSh(args) {
+  return execFileSync('bash', [SCRIPT, ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 120_000 });
+}
+
+async function startServer() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'usp-bench-mariadb-'));
+  const port = await freePort();
+  const server = { dir, port, running: false };
+  server.stop = () => {
+    if (server.running) {
+      server.running = false;
+      try {
+        mariadbSh(['stop', dir]);
+      } catch (e) {
+        console.error(`[bench] stopping MariaDB failed: ${e.stderr || e.message}`);
+      }
+    }
+    try {
+      fs.rmSync(dir, { recursive: true, force: true });
+    } catch {
+      // leave it
+    }
+  };
+  // Whatever happens from here on (an exception, Ctrl-C), the server goes down with us.
+  const onExit = () => server.stop();
+  const onSignal = (sig) => {
+    server.stop();
+    process.exit(sig === 'SIGINT' ? 130 : 143);
+  };
+  process.on('exit', onExit);
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  server.running = true; // a half-started server is stopped too
+  try {
+    mariadbSh(['start', dir, String(port), 'binlog']);
+  } catch (e) {
+    server.stop();
+    throw new Error(`cannot start the private MariaDB: ${e.stderr || e.message}`);
+  }
+  return server;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listeners: the same small interface for ours and for zongji
+
+function streamerConfig(table, options = {}) {
+  return {
+    database: 'mysql',
+    connection: { uri: `mysql://${USER}:${PASSWORD}@${HOST}:${SERVER.port}/${DATABASE}` },
+    options: { table, ...options, mysql: { serverId: nextServerId(), ...(options.mysql || {}) } },
+  };
+}
+
+/**
+ * Opens ultimate-streaming on `table`; `onRow(key, version)` is called per change event.
+ * Resolves { close, status, errors, mode, initMs } once init() resolved.
+ */
+async function openUsp(U, table, options, onRow) {
+  const errors = [];
+  const s = new U(streamerConfig(table, options));
+  s.on('change', (e) => {
+    if (e.type === 'insert' || e.type === 'update' || e.type === 'delete') onRow(e.key, e.version, e.type);
+  });
+  s.on('resync', (e) => errors.push(`resync: ${e.reason} (${e.from}..${e.to})`));
+  s.on('error', (e) => errors.push(e && e.message ? e.message : String(e)));
+  const t0 = nowMs();
+  try {
+    await s.init();
+  } catch (e) {
+    await s.close().catch(() => {});
+    throw e;
+  }
+  const initMs = nowMs() - t0;
+  return {
+    errors,
+    initMs,
+    mode: s.getStatus().mode,
+    status: () => s.getStatus(),
+    close: () => s.close(),
+  };
+}
+
+let ZongJi = null;
+
+/**
+ * Starts zongji on `table` (from the end of the binlog, or from `from` = { filename, position });
+ * `onRow(key, version, type)` per row. Resolves once zongji emitted 'ready'.
+ */
+async function openZongji(table, from, onRow) {
+  const errors = [];
+  const z = new ZongJi({ host: HOST, port: SERVER.port, user: USER, password: PASSWORD });
+  z.on('error', (e) => errors.push(e && e.message ? e.message : String(e)));
+  z.on('binlog', (evt) => {
+    const name = evt.getEventName();
+    if (name === 'writerows') {
+      for (const r of evt.rows) onRow(r.k, r.version, 'insert');
+    } else if (name === 'updaterows') {
+      for (const r of evt.rows) onRow(r.after.k, r.after.version, 'update');
+    } else if (name === 'deleterows') {
+      for (const r of evt.rows) onRow(r.k, r.version, 'delete');
+    }
+  });
+  const ready = new Promise((resolve) => z.once('ready', () => resolve(true)));
+  const t0 = nowMs();
+  z.start({
+    includeEvents: ['tablemap', 'writerows', 'updaterows', 'deleterows'],
+    serverId: nextServerId(),
+    includeSchema: { [DATABASE]: [table] },
+    ...(from ? { filename: from.filename, position: from.position } : { startAtEnd: true }),
+  });
+  const ok = await Promise.race([ready, sleep(15_000).then(() => false)]);
+  const close = async () => {
+    const stopped = new Promise((resolve) => z.once('stopped', resolve));
+    z.stop();
+    await Promise.race([stopped, sleep(2000)]);
+  };
+  if (!ok) {
+    await close();
+    throw new Error(`zongji did not become ready within 15 s (${errors.join('; ') || 'no error reported'})`);
+  }
+  return { errors, initMs: nowMs() - t0, mode: 'binlog', status: () => null, close };
+}
+
+/**
+ * Tracks rows `${prefix}0 .. ${prefix}${n-1}`: each must arrive once with version `expectVersion`.
+ * `onSeen(i, t)` is called for the first arrival of row i (t = nowMs()).
+ */
+function rowTracker(prefix, n, expectVersion, onSeen) {
+  const seen = new Uint8Array(n);
+  const t = {
+    distinct: 0,
+    duplicates: 0,
+    unexpected: 0,
+    wrongVersion: 0,
+    tLastWall: NaN,
+    tFirstWall: NaN,
+    waiting: null, // { count, resolve } of reached()
+    /** Resolves true once `count` distinct rows arrived, false after timeoutMs (event driven, no polling). */
+    reached(count, timeoutMs) {
+      if (t.distinct >= count) return Promise.resolve(true);
+      return new Promise((resolve) => {
+        const timer = setTimeout(() => {
+          t.waiting = null;
+          resolve(false);
+        }, timeoutMs);
+        t.waiting = {
+          count,
+          resolve: () => {
+            clearTimeout(timer);
+            t.waiting = null;
+            resolve(true);
+          },
+        };
+      });
+    },
+    onRow(key, version) {
+      const i = typeof key === 'string' && key.startsWith(prefix) ? Number(key.slice(prefix.length)) : -1;
+      if (!(Number.isInteger(i) && i >= 0 && i < n)) {
+        t.unexpected++;
+        return;
+      }
+      if (seen[i]) {
+        t.duplicates++;
+        return;
+      }
+      seen[i] = 1;
+      if (Number(version) !== expectVersion) t.wrongVersion++;
+      t.distinct++;
+      if (t.distinct === 1) t.tFirstWall = wallMs();
+      if (t.distinct === n) t.tLastWall = wallMs();
+      if (onSeen) onSeen(i, nowMs());
+      if (t.waiting && t.distinct >= t.waiting.count) t.waiting.resolve();
+    },
+  };
+  return t;
+}
+
+function deliveryProblems(tag, tr, expected) {
+  const out = [];
+  if (tr.distinct < expected) out.push(`${tag}: ${expected - tr.distinct} of ${expected} rows never reached the listener`);
+  if (tr.duplicates) out.push(`${tag}: ${tr.duplicates} rows delivered twice`);
+  if (tr.unexpected) out.push(`${tag}: ${tr.unexpected} rows with unknown keys`);
+  if (tr.wrongVersion) out.push(`${tag}: ${tr.wrongVersion} rows with an unexpected version`);
+  return out;
+}
+
+/** Ours with mode.options (+ uspOptions), or zongji from the end of the binlog or from `from`. */
+async function openListener(U, mode, table, from, onRow, uspOptions = {}) {
+  if (mode.kind === 'usp') return openUsp(U, table, { ...(mode.options || {}), ...uspOptions }, onRow);
+  return openZongji(table, from, onRow);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SQL helpers
+
+let admin = null; // mysql2/promise pool for DDL and checks
+
+function mysql2() {
+  return require('mysql2/promise');
+}
+
+async function createTableLike(table) {
+  await admin.query(`CREATE TABLE \`${table}\` LIKE bench_template`);
+}
+
+async function masterStatus() {
+  const [rows] = await admin.query('SHOW MASTER STATUS');
+  if (!rows.length) throw new Error('SHOW MASTER STATUS returned nothing: is the binlog on?');
+  return { filename: rows[0].File, position: Number(rows[0].Position) };
+}
+
+async function versionSum(table, prefix) {
+  const [rows] = await admin.query(`SELECT COUNT(*) AS n, COALESCE(SUM(version), 0) AS s FROM \`${table}\` WHERE k LIKE ?`, [`${prefix}%`]);
+  return { keys: Number(rows[0].n), versionSum: Number(rows[0].s) };
+}
+
+/**
+ * Upserts rows `${prefix}0..n-1` from a child process with a mysql2 pool of `conc` connections,
+ * `conc` statements in flight, one row per statement. Resolves { startAt, endAt, done, errors,
+ * firstError } (wall clock ms; the pool is connected and the statement prepared before startAt).
+ */
+function writeInChild(table, prefix, n, conc) {
+  const script = `
+    const mysql = require(${JSON.stringify(require.resolve('mysql2/promise'))});
+    const [host, port, user, password, database, sql, prefix, n, conc, maxMs, pad] = process.argv.slice(1);
+    const N = Number(n), C = Number(conc);
+    const wall = () => performance.timeOrigin + performance.now();
+    (async () => {
+      const pool = mysql.createPool({ host, port: Number(port), user, password, database, connectionLimit: C });
+      const conns = [];
+      for (let c = 0; c < C; c++) conns.push(await pool.getConnection());
+      for (const c of conns) { await c.prepare(sql); c.release(); }
+      let next = 0, done = 0, errors = 0, firstError = null;
+      const deadline = performance.now() + Number(maxMs);
+      const startAt = wall();
+      const loop = async () => {
+        while (next < N && performance.now() < deadline) {
+          const i = next++;
+          try { await pool.execute(sql, [prefix + i, '{"i":' + i + ',"p":"' + pad + '"}']); done++; }
+          catch (e) { errors++; if (!firstError) firstError = e.message; if (errors > 100) return; }
+        }
+      };
+      await Promise.all(Array.from({ length: C }, loop));
+      const endAt = wall();
+      await pool.end();
+      process.stdout.write(JSON.stringify({ startAt, endAt, done, errors, firstError }));
+    })().catch((e) => { console.error(e); process.exit(1); });`;
+  const args = [HOST, String(SERVER.port), USER, PASSWORD, DATABASE, upsertSql(table), prefix, String(n), String(conc), String(TIMEOUT_MS), VALUE_PAD];
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['-e', script, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    child.stdout.on('data', (d) => (out += d));
+    const timer = setTimeout(() => child.kill('SIGKILL'), TIMEOUT_MS + 20_000);
+    child.on('error', reject);
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      if (code !== 0) return reject(new Error(`writer process exited with ${code}`));
+      try {
+        resolve(JSON.parse(out));
+      } catch (e) {
+        reject(e);
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Latency
+
+async function latencyRun(U, mode) {
+  const table = freshTable();
+  if (mode.kind === 'zongji') await createTableLike(table);
+  const total = mode.warmup + mode.writes;
+  const sent = new Float64Array(total).fill(NaN);
+  const seenAt = new Float64Array(total).fill(NaN);
+  const ack = new Float64Array(total).fill(NaN);
+  let waiter = null; // { i, resolve } of the write we wait for
+  const tr = rowTracker('lat:', total, 1, (i, t) => {
+    seenAt[i] = t;
+    if (waiter && waiter.i === i) waiter.resolve(true);
+  });
+
+  const conn = await mysql2().createConnection({ host: HOST, port: SERVER.port, user: USER, password: PASSWORD, database: DATABASE });
+  let listener = null;
+  let issued = 0;
+  let timeouts = 0;
+  let writeErrors = 0;
+  let firstWriteError = null;
+  let status = null;
+  const waitMs = mode.options && mode.options.pollingInterval ? mode.options.pollingInterval * 3 + 3000 : 5000;
+  const boundMs = Math.min(TIMEOUT_MS * 2, total * mode.cycleMs * 2 + 5000);
+  try {
+    listener = await openListener(U, mode, table, null, (k, v) => tr.onRow(k, v));
+    const sql = upsertSql(table);
+    await conn.prepare(sql);
+    const deadline = nowMs() + boundMs;
+    for (let i = 0; i < total && nowMs() < deadline; i++) {
+      if (mode.thinkMs) await sleep(Math.random() * mode.thinkMs);
+      const seenPromise = new Promise((resolve) => {
+        waiter = { i, resolve };
+      });
+      const t0 = nowMs();
+      sent[i] = t0;
+      issued++;
+      try {
+        await conn.execute(sql, [`lat:${i}`, valueJson(i)]);
+        ack[i] = nowMs() - t0;
+      } catch (e) {
+        writeErrors++;
+        if (!firstWriteError) firstWriteError = e.message;
+        waiter = null;
+        if (writeErrors > 5) break;
+        continue;
+      }
+      if (Number.isNaN(seenAt[i])) {
+        let timer;
+        const ok = await Promise.race([seenPromise, new Promise((resolve) => (timer = setTimeout(() => resolve(false), waitMs)))]);
+        clearTimeout(timer);
+        if (!ok) {
+          timeouts++;
+          if (timeouts > 5) break; // the listener is not delivering; do not spend the time bound on it
+        }
+      }
+      waiter = null;
+    }
+    // Rows that timed out may still come; then look for strays.
+    await waitFor(() => tr.distinct >= issued - writeErrors, timeouts ? waitMs : 0, 5);
+    await sleep(mode.options && mode.options.pollingInterval ? Math.min(mode.options.pollingInterval + 200, 2500) : 50);
+    status = listener.status();
+  } finally {
+    if (listener) await listener.close();
+    await conn.end().catch(() => {});
+  }
+
+  const lat = [];
+  const acks = [];
+  for (let i = mode.warmup; i < issued; i++) {
+    if (!Number.isNaN(seenAt[i])) lat.push(seenAt[i] - sent[i]);
+    if (!Number.isNaN(ack[i])) acks.push(ack[i]);
+  }
+  return {
+    mode: mode.name,
+    table,
+    listenerMode: listener ? listener.mode : null,
+    listenerInitMs: listener ? listener.initMs : NaN,
+    planned: total,
+    issued,
+    measured: lat.length,
+    received: tr.distinct,
+    duplicates: tr.duplicates,
+    unexpected: tr.unexpected,
+    wrongVersion: tr.wrongVersion,
+    timeouts,
+    writeErrors,
+    firstWriteError,
+    listenerErrors: listener ? listener.errors.slice(0, 5) : [],
+    writeToListener: summarize(lat),
+    writeAck: summarize(acks),
+    engineLatency: status ? status.latency : null,
+  };
+}
+
+/** CPU time of this process (all threads: JS, the engine's native threads, libuv) over a wall time. */
+function cpuMs(usage, wallMsSpan) {
+  const totalMs = (usage.user + usage.system) / 1000;
+  return { userMs: usage.user / 1000, systemMs: usage.system / 1000, totalMs, wallMs: wallMsSpan, cores: totalMs / wallMsSpan };
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2a. Live events/s with concurrent writers
+
+async function liveRun(U, mode) {
+  const table = freshTable();
+  if (mode.kind === 'zongji') await createTableLike(table);
+  const tr = rowTracker('live:', LIVE_ROWS, 1);
+  let listener = null;
+  let w = null;
+  let completed = false;
+  let status = null;
+  let cpu = null;
+  try {
+    listener = await openListener(U, mode, table, null, (k, v) => tr.onRow(k, v));
+    const cpu0 = process.cpuUsage();
+    const wall0 = wallMs();
+    w = await writeInChild(table, 'live:', LIVE_ROWS, WRITERS);
+    completed = await tr.reached(w.done, TIMEOUT_MS);
+    cpu = cpuMs(process.cpuUsage(cpu0), wallMs() - wall0);
+    await sleep(100); // strays and duplicates after the last row
+    status = listener.status();
+  } finally {
+    if (listener) await listener.close();
+  }
+  const lastMs = completed && w.done === LIVE_ROWS ? tr.tLastWall - w.startAt : NaN;
+  return {
+    mode: mode.name,
+    table,
+    listenerMode: listener ? listener.mode : null,
+    rows: LIVE_ROWS,
+    written: w ? w.done : 0,
+    writeErrors: w ? w.errors : 0,
+    firstWriteError: w ? w.firstError : null,
+    completed: completed && w.done === LIVE_ROWS,
+    received: tr.distinct,
+    duplicates: tr.duplicates,
+    unexpected: tr.unexpected,
+    wrongVersion: tr.wrongVersion,
+    listenerErrors: listener ? listener.errors.slice(0, 5) : [],
+    writeMs: w ? w.endAt - w.startAt : NaN,
+    writerRowsPerSec: w ? (w.done / (w.endAt - w.startAt)) * 1000 : NaN,
+    lastRowMs: lastMs,
+    lagAfterWritersMs: completed && w ? tr.tLastWall - w.endAt : NaN,
+    eventsPerSec: (LIVE_ROWS / lastMs) * 1000,
+    listenerCpu: cpu,
+    cpuMsPer1kRows: cpu ? cpu.totalMs / (LIVE_ROWS / 1000) : NaN,
+    engineEvents: status ? status.events : null,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2b. Catch-up: rows written while no listener ran, read by both from the same binlog
+
+async function catchupRound(U, round) {
+  const table = freshTable();
+  const checkpointName = `catchup_${round}`;
+  // A first streamer makes the table, sees one row and saves its checkpoint at close().
+  let firstSeen = false;
+  const a = await openUsp(U, table, { mysql: { checkpointName } }, (k) => {
+    if (k === 'before') firstSeen = true;
+  });
+  try {
+    await admin.query(upsertSql(table), ['before', '{}']);
+    if (!(await waitFor(() => firstSeen, 10_000, 2))) throw new Error('catch-up: the first streamer did not see its row');
+  } finally {
+    await a.close();
+  }
+  const from = await masterStatus();
+  const w = await writeInChild(table, 'cu:', CATCHUP_ROWS, WRITERS);
+
+  const order = round % 2 === 1 ? PAIR_MODES : [...PAIR_MODES].reverse();
+  const results = [];
+  for (const mode of order) {
+    const tr = rowTracker('cu:', CATCHUP_ROWS, 1);
+    let strays = 0;
+    let listener = null;
+    let completed = false;
+    let status = null;
+    let cpu = null;
+    const cpu0 = process.cpuUsage();
+    const t0 = wallMs();
+    try {
+      listener = await openListener(
+        U,
+        mode,
+        table,
+        from,
+        (k, v) => {
+          if (k === 'before') strays++;
+          else tr.onRow(k, v);
+        },
+        { mysql: { checkpointName } },
+      );
+      completed = await tr.reached(w.done, TIMEOUT_MS);
+      cpu = cpuMs(process.cpuUsage(cpu0), wallMs() - t0);
+      await sleep(100);
+      status = listener.status();
+    } finally {
+      if (listener) await listener.close();
+    }
+    const ok = completed && w.done === CATCHUP_ROWS;
+    const lastMs = ok ? tr.tLastWall - t0 : NaN;
+    results.push({
+      mode: mode.name,
+      table,
+      checkpointName: mode.kind === 'usp' ? checkpointName : null,
+      from: mode.kind === 'zongji' ? from : null,
+      listenerMode: listener ? listener.mode : null,
+      rows: CATCHUP_ROWS,
+      written: w.done,
+      writeErrors: w.errors,
+      firstWriteError: w.firstError,
+      completed: ok,
+      received: tr.distinct,
+      duplicates: tr.duplicates,
+      unexpected: tr.unexpected + strays,
+      wrongVersion: tr.wrongVersion,
+      listenerErrors: listener ? listener.errors.slice(0, 5) : [],
+      listenerInitMs: listener ? listener.initMs : NaN,
+      firstRowMs: tr.tFirstWall - t0,
+      lastRowMs: lastMs,
+      eventsPerSec: (CATCHUP_ROWS / lastMs) * 1000,
+      firstToLastEventsPerSec: ok ? ((CATCHUP_ROWS - 1) / (tr.tLastWall - tr.tFirstWall)) * 1000 : NaN,
+      listenerCpu: cpu,
+      cpuMsPer1kRows: cpu ? cpu.totalMs / (CATCHUP_ROWS / 1000) : NaN,
+      writerRowsPerSec: (w.done / (w.endAt - w.startAt)) * 1000,
+      engineEvents: status ? status.events : null,
+    });
+  }
+  return results;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Push throughput
+
+/** PUSHERS loops over operations [from, from + count), each awaiting op(i, pusher). */
+async function drive(op, from, count) {
+  let next = from;
+  const end = from + count;
+  let done = 0;
+  let errors = 0;
+  let firstError = null;
+  const t0 = nowMs();
+  const deadline = t0 + TIMEOUT_MS;
+  const loop = async (pusher) => {
+    while (next < end && nowMs() < deadline) {
+      const i = next++;
+      try {
+        await op(i, pusher);
+        done++;
+      } catch (e) {
+        errors++;
+        if (!firstError) firstError = `${e.code || ''} ${e.message}`.trim();
+        if (errors > 100) return;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: PUSHERS }, (_, p) => loop(p)));
+  return { done, ms: nowMs() - t0, errors, firstError };
+}
+
+function pushValue(i, pusher) {
+  return { i, by: pusher, p: VALUE_PAD };
+}
+
+async function pushRun(U, mode) {
+  const table = freshTable();
+  let warm;
+  let timed;
+  let deadlockRetries = 0;
+  let extra = {};
+  if (mode.kind === 'usp') {
+    const s = new U(streamerConfig(table));
+    s.on('error', () => {});
+    try {
+      await s.init();
+      warm = await drive((i, p) => s.push(`w:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSH_WARMUP);
+      timed = await drive((i, p) => s.push(`p:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSHES);
+      const st = s.getStatus();
+      extra = { engineMode: st.mode, engineStore: st.store };
+    } finally {
+      await s.close();
+    }
+  } else {
+    await createTableLike(table);
+    const pool = mysql2().createPool({ host: HOST, port: SERVER.port, user: USER, password: PASSWORD, database: DATABASE, connectionLimit: POOL });
+    const sql = upsertSql(table);
+    try {
+      const conns = [];
+      for (let c = 0; c < POOL; c++) conns.push(await pool.getConnection());
+      for (const c of conns) {
+        await c.prepare(sql);
+        c.release();
+      }
+      const upsert = async (key, value) => {
+        for (let attempt = 0; ; attempt++) {
+          try {
+            await pool.execute(sql, [key, JSON.stringify(value)]);
+            return;
+          } catch (e) {
+            // Concurrent upserts of one key can deadlock in InnoDB; a user would retry.
+            if (e.errno === 1213 && attempt < 5) {
+              deadlockRetries++;
+              continue;
+            }
+            throw e;
+          }
+        }
+      };
+      warm = await drive((i, p) => upsert(`w:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSH_WARMUP);
+      timed = await drive((i, p) => upsert(`p:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSHES);
+    } finally {
+      await pool.end().catch(() => {});
+    }
+  }
+  const check = await versionSum(table, 'p:');
+  return {
+    mode: mode.name,
+    table,
+    pushes: PUSHES,
+    done: timed.done,
+    errors: timed.errors + warm.errors,
+    firstError: timed.firstError || warm.firstError,
+    completed: timed.done === PUSHES,
+    ms: timed.ms,
+    pushesPerSec: (timed.done / timed.ms) * 1000,
+    deadlockRetries,
+    check,
+    expectedKeys: Math.min(PUSH_KEYS, timed.done),
+    ...extra,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+
+let SERVER = null;
+
+async function main() {
+  const U = await loadStreamer();
+  ({ default: ZongJi } = await import('@vlasky/zongji'));
+  const command = commandFor(__filename, process.argv.slice(2));
+  const startedAt = new Date();
+  const machine = machineFacts(); // taken before the load of this script
+  console.log(
+    `mysql: ${ROUNDS} rounds; latency ${LATENCY_WRITES} writes (polling 100 ms: ${POLL100_WRITES}, 2,000 ms: ${POLL2000_WRITES}); ` +
+      `live ${LIVE_ROWS} rows by ${WRITERS} writers; catch-up ${CATCHUP_ROWS} rows; ${PUSHES} pushes by ${PUSHERS} pushers over ${PUSH_KEYS} keys`,
+  );
+
+  const t0server = Date.now();
+  SERVER = await startServer();
+  console.log(`private MariaDB on ${HOST}:${SERVER.port} (${((Date.now() - t0server) / 1000).toFixed(1)} s to start), data in ${SERVER.dir}`);
+  let serverInfo = null;
+  const rounds = { latency: [], live: [], catchup: [], push: [] };
+  const problems = [];
+  const skipped = [];
+  try {
+    admin = mysql2().createPool({ host: HOST, port: SERVER.port, user: USER, password: PASSWORD, database: DATABASE, connectionLimit: 2 });
+    const [[v]] = await admin.query('SELECT VERSION() AS version, @@binlog_format AS binlogFormat, @@binlog_row_image AS rowImage, @@binlog_row_metadata AS rowMetadata');
+    serverInfo = v;
+    // The template of the peers' tables: exactly the table the engine creates.
+    const tmpl = await openUsp(U, 'bench_template', {}, () => {});
+    await tmpl.close();
+
+    const t0 = Date.now();
+    const longest = {};
+    const broken = new Set();
+    // Runs fn unless the mode is broken or (after round 1) the budget would be passed.
+    const timed = async (key, r, fn) => {
+      if (broken.has(key)) return null;
+      if (r > 1 && Date.now() - t0 + (longest[key] || 0) > BUDGET_MS) {
+        skipped.push(`round ${r} ${key}`);
+        console.log(`  round ${r} ${key.padEnd(22)} skipped: the time budget of ${BUDGET_MS / 1000} s would be exceeded`);
+        return null;
+      }
+      const start = Date.now();
+      try {
+        return await fn();
+      } catch (e) {
+        broken.add(key);
+        const msg = `round ${r} ${key}: failed: ${e.message}`;
+        console.error(`ERROR: ${msg}`);
+        problems.push(msg);
+        return null;
+      } finally {
+        longest[key] = Math.max(longest[key] || 0, Date.now() - start);
+      }
+    };
+
+    for (let r = 1; r <= ROUNDS; r++) {
+      // 1. latency
+      const latModes = r % 2 === 1 ? LATENCY_MODES : [...LATENCY_MODES].reverse();
+      for (const mode of latModes) {
+        const res = await timed(`latency/${mode.name}`, r, () => latencyRun(U, mode));
+        if (!res) continue;
+        res.round = r;
+        rounds.latency.push(res);
+        const p = res.writeToListener;
+        console.log(
+          `  round ${r} latency/${mode.name.padEnd(14)} write->listener p50 ${fmt(p.p50)} p99 ${fmt(p.p99)} max ${fmt(p.max)} ms` +
+            `  (write ack p50 ${fmt(res.writeAck.p50)} ms; seen ${res.received}/${res.issued}, ${res.measured} measured; mode ${res.listenerMode})`,
+        );
+        const tag = `round ${r} latency/${mode.name}`;
+        problems.push(...deliveryProblems(tag, res, res.issued - res.writeErrors));
+        if (res.issued < res.planned) problems.push(`${tag}: only ${res.issued} of ${res.planned} writes issued within the time bound`);
+        if (res.writeErrors) problems.push(`${tag}: ${res.writeErrors} writes failed (${res.firstWriteError})`);
+        if (res.listenerErrors.length) problems.push(`${tag}: listener errors: ${res.listenerErrors.join('; ')}`);
+        const want = mode.options && mode.options.useChangeStreams === false ? 'polling' : 'binlog';
+        if (res.listenerMode !== want) problems.push(`${tag}: capture mode ${res.listenerMode}, expected ${want}`);
+        if (res.received < res.issued - res.writeErrors) broken.add(`latency/${mode.name}`);
+      }
+
+      // 2a. live events/s
+      const pairModes = r % 2 === 1 ? PAIR_MODES : [...PAIR_MODES].reverse();
+      for (const mode of pairModes) {
+        const res = await timed(`live/${mode.name}`, r, () => liveRun(U, mode));
+        if (!res) continue;
+        res.round = r;
+        rounds.live.push(res);
+        console.log(
+          `  round ${r} live/${mode.name.padEnd(17)} ${res.completed ? `${fmt(res.eventsPerSec, 0)} events/s` : 'INCOMPLETE'}` +
+            `  (writers ${fmt(res.writerRowsPerSec, 0)} rows/s over ${fmt(res.writeMs, 0)} ms; last row ${fmt(res.lagAfterWritersMs)} ms after the writers finished;` +
+            ` listener process CPU ${fmt(res.cpuMsPer1kRows)} ms per 1,000 rows)`,
+        );
+        const tag = `round ${r} live/${mode.name}`;
+        problems.push(...deliveryProblems(tag, res, res.rows));
+        if (res.writeErrors) problems.push(`${tag}: ${res.writeErrors} writes failed (${res.firstWriteError})`);
+        if (res.listenerErrors.length) problems.push(`${tag}: listener errors: ${res.listenerErrors.join('; ')}`);
+        if (res.listenerMode !== 'binlog') problems.push(`${tag}: capture mode ${res.listenerMode}, expected binlog`);
+        if (!res.completed) broken.add(`live/${mode.name}`);
+      }
+
+      // 2b. catch-up
+      const cu = await timed('catchup', r, () => catchupRound(U, r));
+      if (cu) {
+        for (const res of cu) {
+          res.round = r;
+          rounds.catchup.push(res);
+          console.log(
+            `  round ${r} catchup/${res.mode.padEnd(14)} ${res.completed ? `${fmt(res.eventsPerSec, 0)} events/s` : 'INCOMPLETE'}` +
+              `  (${res.rows} rows; first row ${fmt(res.firstRowMs)} ms, last ${fmt(res.lastRowMs)} ms after start; listener start ${fmt(res.listenerInitMs)} ms;` +
+              ` ${fmt(res.firstToLastEventsPerSec, 0)} events/s from first to last row; CPU ${fmt(res.cpuMsPer1kRows)} ms per 1,000 rows)`,
+          );
+          const tag = `round ${r} catchup/${res.mode}`;
+          problems.push(...deliveryProblems(tag, res, res.rows));
+          if (res.writeErrors) problems.push(`${tag}: ${res.writeErrors} writes failed (${res.firstWriteError})`);
+          if (res.listenerErrors.length) problems.push(`${tag}: listener errors: ${res.listenerErrors.join('; ')}`);
+          if (!res.completed) broken.add('catchup');
+        }
+      }
+
+      // 3. push throughput
+      const pushModes = r % 2 === 1 ? PUSH_MODES : [...PUSH_MODES].reverse();
+      for (const mode of pushModes) {
+        const res = await timed(`push/${mode.name}`, r, () => pushRun(U, mode));
+        if (!res) continue;
+        res.round = r;
+        rounds.push.push(res);
+        console.log(
+          `  round ${r} push/${mode.name.padEnd(17)} ${fmt(res.pushesPerSec, 0)} upserts/s` +
+            `  (${res.done}/${res.pushes} in ${fmt(res.ms, 0)} ms; SUM(version) ${res.check.versionSum} over ${res.check.keys} keys` +
+            `${res.deadlockRetries ? `; ${res.deadlockRetries} deadlock retries` : ''}` +
+            `${res.engineStore ? `; engine: ${fmt(res.engineStore.writes / res.engineStore.transactions, 1)} writes per transaction` : ''})`,
+        );
+        const tag = `round ${r} push/${mode.name}`;
+        if (!res.completed) problems.push(`${tag}: only ${res.done} of ${res.pushes} upserts done within ${TIMEOUT_MS / 1000} s`);
+        if (res.errors) problems.push(`${tag}: ${res.errors} upserts failed (${res.firstError})`);
+        if (res.check.versionSum !== res.done || res.check.keys !== res.expectedKeys) {
+          problems.push(`${tag}: table holds SUM(version) ${res.check.versionSum} over ${res.check.keys} keys, expected ${res.done} over ${res.expectedKeys}`);
+        }
+        if (mode.kind === 'usp' && res.engineMode !== 'binlog') problems.push(`${tag}: capture mode ${res.engineMode}, expected binlog`);
+      }
+    }
+  } finally {
+    if (admin) await admin.end().catch(() => {});
+    SERVER.stop();
+  }
+
+  // ---- medians
+  const med = (rs, f) => median(rs.map(f));
+  const latency = {};
+  for (const m of LATENCY_MODES) {
+    const rs = rounds.latency.filter((x) => x.mode === m.name);
+    latency[m.name] = {
+      rounds: rs.length,
+      writesPerRound: m.writes,
+      p50: med(rs, (x) => x.writeToListener.p50),
+      p90: med(rs, (x) => x.writeToListener.p90),
+      p99: med(rs, (x) => x.writeToListener.p99),
+      max: med(rs, (x) => x.writeToListener.max),
+      mean: med(rs, (x) => x.writeToListener.mean),
+      ackP50: med(rs, (x) => x.writeAck.p50),
+      ackP99: med(rs, (x) => x.writeAck.p99),
+    };
+  }
+  const live = {};
+  const catchup = {};
+  for (const m of PAIR_MODES) {
+    const rl = rounds.live.filter((x) => x.mode === m.name);
+    const allL = rl.length > 0 && rl.every((x) => x.completed);
+    live[m.name] = {
+      rounds: rl.length,
+      completedRounds: rl.filter((x) => x.completed).length,
+      eventsPerSec: allL ? med(rl, (x) => x.eventsPerSec) : NaN,
+      writerRowsPerSec: med(rl, (x) => x.writerRowsPerSec),
+      lagAfterWritersMs: allL ? med(rl, (x) => x.lagAfterWritersMs) : NaN,
+      cpuMsPer1kRows: med(rl, (x) => x.cpuMsPer1kRows),
+      cpuCores: med(rl, (x) => (x.listenerCpu ? x.listenerCpu.cores : NaN)),
+    };
+    const rc = rounds.catchup.filter((x) => x.mode === m.name);
+    const allC = rc.length > 0 && rc.every((x) => x.completed);
+    catchup[m.name] = {
+      rounds: rc.length,
+      completedRounds: rc.filter((x) => x.completed).length,
+      eventsPerSec: allC ? med(rc, (x) => x.eventsPerSec) : NaN,
+      firstRowMs: med(rc, (x) => x.firstRowMs),
+      lastRowMs: allC ? med(rc, (x) => x.lastRowMs) : NaN,
+      listenerInitMs: med(rc, (x) => x.listenerInitMs),
+      firstToLastEventsPerSec: allC ? med(rc, (x) => x.firstToLastEventsPerSec) : NaN,
+      cpuMsPer1kRows: med(rc, (x) => x.cpuMsPer1kRows),
+    };
+  }
+  const push = {};
+  for (const m of PUSH_MODES) {
+    const rs = rounds.push.filter((x) => x.mode === m.name);
+    const all = rs.length > 0 && rs.every((x) => x.completed && !x.errors);
+    push[m.name] = { rounds: rs.length, pushesPerSec: all ? med(rs, (x) => x.pushesPerSec) : NaN, ms: med(rs, (x) => x.ms) };
+  }
+  const ratios = {
+    latencyP50ZongjiOverUsp: latency.zongji.p50 / latency.usp.p50,
+    latencyP99ZongjiOverUsp: latency.zongji.p99 / latency.usp.p99,
+    liveUspOverZongji: live.usp.eventsPerSec / live.zongji.eventsPerSec,
+    catchupUspOverZongji: catchup.usp.eventsPerSec / catchup.zongji.eventsPerSec,
+    pushUspOverMysql2: push.usp.pushesPerSec / push.mysql2.pushesPerSec,
+  };
+
+  if (skipped.length) console.log(`\nnote: ${skipped.length} run(s) skipped for time (${skipped.join(', ')}); medians use the rounds that ran`);
+  printTable(
+    `1. latency, external write sent -> JS listener, ms (median of rounds; sequential writes by one mysql2 connection)`,
+    ['mode', 'rounds', 'writes/round', 'p50', 'p90', 'p99', 'max', 'write ack p50'],
+    LATENCY_MODES.map((m) => {
+      const x = latency[m.name];
+      return [m.label, String(x.rounds), fmt(x.writesPerRound, 0), x.p50, x.p90, x.p99, x.max, x.ackP50];
+    }),
+  );
+  console.log(
+    `ratio zongji / ultimate-streaming (binlog): p50 ${fmt(ratios.latencyP50ZongjiOverUsp)}x, p99 ${fmt(ratios.latencyP99ZongjiOverUsp)}x` +
+      ` (polling modes wait a random 0..interval before each write; p99 of ${POLL2000_WRITES} writes is their max)`,
+  );
+  printTable(
+    `2a. events/s to JS, ${LIVE_ROWS} single-row upserts by ${WRITERS} concurrent writers (another process) while listening (median of rounds)`,
+    ['listener', 'rounds', 'events/s', "writers' rows/s", 'last row after writers, ms', 'CPU ms / 1k rows', 'CPU cores', 'vs zongji'],
+    PAIR_MODES.map((m) => {
+      const x = live[m.name];
+      return [
+        m.label,
+        `${x.completedRounds}/${x.rounds}`,
+        fmt(x.eventsPerSec, 0),
+        fmt(x.writerRowsPerSec, 0),
+        x.lagAfterWritersMs,
+        x.cpuMsPer1kRows,
+        x.cpuCores,
+        ratioCell(x.eventsPerSec / live.zongji.eventsPerSec),
+      ];
+    }),
+  );
+  console.log(
+    "(events/s cannot exceed the writers' rate: when the last row arrives ~0 ms after the writers finished, capture kept up and the" +
+      ' writers were the limit; CPU = user+system time of this process, all threads, per 1,000 rows, from the writers\' start to the last row)',
+  );
+  printTable(
+    `2b. catch-up events/s, ${CATCHUP_ROWS} rows in the binlog written while no listener ran (median of rounds)`,
+    ['listener', 'rounds', 'events/s', 'start -> first row ms', 'start -> last row ms', 'first -> last events/s', 'CPU ms / 1k rows', 'vs zongji'],
+    PAIR_MODES.map((m) => {
+      const x = catchup[m.name];
+      return [
+        m.label,
+        `${x.completedRounds}/${x.rounds}`,
+        fmt(x.eventsPerSec, 0),
+        x.firstRowMs,
+        x.lastRowMs,
+        fmt(x.firstToLastEventsPerSec, 0),
+        x.cpuMsPer1kRows,
+        ratioCell(x.eventsPerSec / catchup.zongji.eventsPerSec),
+      ];
+    }),
+  );
+  printTable(
+    `3. push throughput, ${PUSHES} upserts over ${PUSH_KEYS} keys by ${PUSHERS} concurrent async loops (median of rounds)`,
+    ['mode', 'rounds', 'upserts/s', 'ms', 'vs mysql2'],
+    PUSH_MODES.map((m) => {
+      const x = push[m.name];
+      return [m.label, String(x.rounds), fmt(x.pushesPerSec, 0), fmt(x.ms, 0), ratioCell(x.pushesPerSec / push.mysql2.pushesPerSec)];
+    }),
+  );
+
+  const summary = [];
+  for (const m of LATENCY_MODES) {
+    summary.push({ metric: `MySQL write → listener p50, ${m.label} (${m.writes} writes/round)`, value: latency[m.name].p50, unit: 'ms' });
+    summary.push({ metric: `MySQL write → listener p99, ${m.label} (${m.writes} writes/round)`, value: latency[m.name].p99, unit: 'ms' });
+  }
+  summary.push({ metric: 'MySQL latency ratio zongji / ultimate-streaming, p50', value: ratios.latencyP50ZongjiOverUsp, unit: 'x' });
+  summary.push({ metric: 'MySQL latency ratio zongji / ultimate-streaming, p99', value: ratios.latencyP99ZongjiOverUsp, unit: 'x' });
+  for (const m of PAIR_MODES) {
+    summary.push({ metric: `MySQL live events/s, ${m.label} (${LIVE_ROWS} rows, ${WRITERS} writers)`, value: live[m.name].eventsPerSec, unit: 'events/s' });
+    summary.push({ metric: `MySQL live: writers' own rows/s during the ${m.name} run`, value: live[m.name].writerRowsPerSec, unit: 'rows/s' });
+    summary.push({ metric: `MySQL live: listener process CPU per 1,000 rows, ${m.label}`, value: live[m.name].cpuMsPer1kRows, unit: 'ms' });
+  }
+  summary.push({ metric: 'MySQL live events/s ratio ultimate-streaming / zongji', value: ratios.liveUspOverZongji, unit: 'x' });
+  for (const m of PAIR_MODES) {
+    summary.push({ metric: `MySQL catch-up events/s, ${m.label} (${CATCHUP_ROWS} rows)`, value: catchup[m.name].eventsPerSec, unit: 'events/s' });
+    summary.push({ metric: `MySQL catch-up listener start → first row, ${m.label}`, value: catchup[m.name].firstRowMs, unit: 'ms' });
+  }
+  summary.push({ metric: 'MySQL catch-up events/s ratio ultimate-streaming / zongji', value: ratios.catchupUspOverZongji, unit: 'x' });
+  for (const m of PUSH_MODES) {
+    summary.push({ metric: `MySQL upserts/s, ${m.label} (${PUSHES} over ${PUSH_KEYS} keys)`, value: push[m.name].pushesPerSec, unit: 'ops/s' });
+  }
+  summary.push({ metric: 'MySQL push throughput ratio ultimate-streaming / mysql2', value: ratios.pushUspOverMysql2, unit: 'x' });
+
+  if (problems.length) {
+    console.log('\nPROBLEMS:');
+    for (const p of problems) console.log(`  - ${p}`);
+  }
+
+  const file = writeResult('mysql', {
+    name: 'mysql',
+    command,
+    date: startedAt.toISOString(),
+    durationSec: Math.round((Date.now() - startedAt.getTime()) / 100) / 10,
+    machine,
+    server: serverInfo,
+    config: {
+      rounds: ROUNDS,
+      latencyModes: LATENCY_MODES,
+      liveRows: LIVE_ROWS,
+      writers: WRITERS,
+      catchupRows: CATCHUP_ROWS,
+      pushes: PUSHES,
+      pushWarmup: PUSH_WARMUP,
+      pushers: PUSHERS,
+      pushKeys: PUSH_KEYS,
+      mysql2Pool: POOL,
+      timeoutSec: TIMEOUT_MS / 1000,
+      budgetSec: BUDGET_MS / 1000,
+      zongjiVersion: zongjiVersion(),
+    },
+    ok: problems.length === 0,
+    problems,
+    skippedForTime: skipped,
+    median: { latency, live, catchup, push },
+    ratios,
+    rounds,
+    summary,
+  });
+  console.log(`\nwrote ${file}`);
+  if (problems.length) process.exitCode = 1;
+}
+
+function zongjiVersion() {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(ROOT, 'node_modules', '@vlasky', 'zongji', 'package.json'), 'utf8')).version;
+  } catch {
+    return null;
+  }
+}
+
+runMain(main);
