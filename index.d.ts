@@ -102,6 +102,8 @@ export interface StreamerOptions {
     reconnectMinDelay?: number;
     /** Largest reconnect delay in ms. Default 5000. */
     reconnectMaxDelay?: number;
+    /** Tables watched from init() on, as if watch() was called first: their rows written while no streamer ran arrive on resume. */
+    watch?: string[];
     /** In polling mode, how often binlog capture is tried again, in ms (100..86400000). Default 30000. */
     fastPathRetry?: number;
     /** Name of this streamer's capture checkpoint (1..64 characters); streamers that resume independently use different names. Default 'default'. */

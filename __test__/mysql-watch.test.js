@@ -127,6 +127,60 @@ test('a row the binlog client cannot decode (non-UTF-8 bytes in VARBINARY) is re
   expect(st.errors.last.message).toMatch(/not decoded/);
 });
 
+test('tables in options.mysql.watch are watched from init(): rows written while closed arrive once on resume', async () => {
+  await db.sql('CREATE TABLE resumed (id INT PRIMARY KEY, v VARCHAR(10))');
+  const cfg = { table: 'kv_watch_6', mysql: { watch: ['resumed'], checkpointName: 'w6' } };
+  const a = make(cfg);
+  const seenA = [];
+  a.on('row', (e) => seenA.push(e));
+  await a.init();
+  await db.sql("INSERT INTO resumed VALUES (0, 'first')");
+  await waitFor(() => seenA.length >= 1, 'the first row');
+  await a.close();
+  const N = 500;
+  for (let i = 1; i <= N; i += 100) {
+    const values = Array.from({ length: 100 }, (_, k) => `(${i + k}, 'r')`).join(',');
+    await db.sql(`INSERT INTO resumed VALUES ${values}`);
+  }
+  const b = make(cfg);
+  const seenB = [];
+  b.on('row', (e) => seenB.push(e));
+  await b.init();
+  await waitFor(() => seenB.length >= N, `${N} rows on resume`);
+  await sleep(300);
+  expect(seenB.length).toBe(N);
+  expect(new Set(seenB.map((e) => e.key.id)).size).toBe(N);
+  expect(seenB.some((e) => e.key.id === 0)).toBe(false);
+  const bad = make({ table: 'kv_watch_7', mysql: { watch: ['no_such_table'] } });
+  await rejectsWithCode(bad.init(), 'USP_INVALID_CONFIG');
+});
+
+test('a 100,000-row transaction streams through bounded queues', async () => {
+  const table = 'kv_watch_big';
+  const s = make({ table, queueSize: 2048 });
+  let n = 0;
+  s.on('change', () => {
+    n += 1;
+  });
+  await s.init();
+  const rss0 = process.memoryUsage().rss;
+  let maxDepth = 0;
+  let maxRss = rss0;
+  const sampler = setInterval(() => {
+    maxDepth = Math.max(maxDepth, s.getStatus().queues.delivery.depth);
+    maxRss = Math.max(maxRss, process.memoryUsage().rss);
+  }, 5);
+  const N = 100_000;
+  await db.sql(`INSERT INTO ${table} (k, v, version) SELECT CONCAT('m', seq), CONCAT('{"n":', seq, ',"pad":"0123456789abcdef"}'), 1 FROM seq_1_to_${N}`);
+  await waitFor(() => n >= N, `${N} events`, 90_000);
+  clearInterval(sampler);
+  await sleep(200);
+  expect(n).toBe(N);
+  expect(maxDepth).toBeLessThanOrEqual(2048 + 1000);
+  // The rows are ~6 MB of values; buffering the whole transaction several times over would show.
+  expect(maxRss - rss0).toBeLessThan(256 * 1024 * 1024);
+});
+
 test('watch() refuses bad tables and backends with coded errors', async () => {
   const s = make({ table: 'kv_watch_3' });
   await s.init();

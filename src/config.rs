@@ -85,6 +85,9 @@ pub struct MysqlOptions {
     pub checkpoint_name: String,
     /// In polling mode, how often binlog capture is tried again, in ms. Default 30000.
     pub fast_path_retry_ms: u64,
+    /// Tables watched from `init()` on (as if `watch()` was called before capture started), so
+    /// their rows written while no streamer ran are delivered on resume.
+    pub watch: Vec<String>,
 }
 
 impl Default for MysqlOptions {
@@ -96,6 +99,7 @@ impl Default for MysqlOptions {
             reconnect_max_ms: 5000,
             checkpoint_name: "default".into(),
             fast_path_retry_ms: 30_000,
+            watch: Vec::new(),
         }
     }
 }
@@ -225,6 +229,7 @@ const MYSQL_KEYS: &[&str] = &[
     "reconnectMaxDelay",
     "checkpointName",
     "fastPathRetry",
+    "watch",
 ];
 const CONNECTION_KEYS: &[&str] = &[
     "uri", "host", "port", "user", "password", "database", "path",
@@ -663,6 +668,24 @@ fn parse_mysql(
                 "`{p}reconnectMaxDelay` must be at least `{p}reconnectMinDelay`"
             )));
         }
+        if let Some(v) = mo.get("watch") {
+            let tables = v.as_array().ok_or_else(|| {
+                invalid(format!(
+                    "`{p}watch` must be an array of table names, got {}",
+                    kind(v)
+                ))
+            })?;
+            for t in tables {
+                let name = t.as_str().ok_or_else(|| {
+                    invalid(format!(
+                        "`{p}watch` must hold table names (strings), got {}",
+                        kind(t)
+                    ))
+                })?;
+                validate_identifier(name, &format!("{p}watch"))?;
+                s.mysql.watch.push(name.to_string());
+            }
+        }
         if let Some(n) = get_int(mo, "fastPathRetry", &p, 100, 86_400_000)? {
             s.mysql.fast_path_retry_ms = n;
         }
@@ -941,6 +964,26 @@ mod tests {
             "options": {"mysql": {}}})
         )
         .contains("only applies"));
+        let c = Config::from_json(
+            &json!({"database": "mysql", "connection": {"database": "d"},
+            "options": {"mysql": {"watch": ["orders", "items"], "fastPathRetry": 500}}}),
+        )
+        .unwrap();
+        let Backend::Mysql(s) = &c.backend else {
+            panic!("mysql")
+        };
+        assert_eq!(s.mysql.watch, vec!["orders", "items"]);
+        assert_eq!(s.mysql.fast_path_retry_ms, 500);
+        assert!(
+            err(json!({"database": "mysql", "connection": {"database": "d"},
+            "options": {"mysql": {"watch": "orders"}}}))
+            .contains("array")
+        );
+        assert!(
+            err(json!({"database": "mysql", "connection": {"database": "d"},
+            "options": {"mysql": {"watch": ["a;b"]}}}))
+            .contains("watch")
+        );
     }
 
     #[test]

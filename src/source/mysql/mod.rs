@@ -376,6 +376,24 @@ impl MysqlStoreThread {
             (true, Some(why)) => Err(why),
             (true, None) => Ok(()),
         };
+        // Tables watched from the start: registered before capture reads anything.
+        for table in &server.mysql.watch {
+            match rt.block_on(store.watch_spec(table, Operations::default())) {
+                Ok(spec) => {
+                    ctx.watches
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(spec.table.clone(), Arc::new(spec));
+                }
+                Err(e) => {
+                    pipeline.stop();
+                    return fail(
+                        Error::InvalidConfig(format!("options.mysql.watch: {e}")),
+                        rx,
+                    );
+                }
+            }
+        }
         let mut poller: Option<Polling> = None;
         match fast_path {
             Ok(()) => {
@@ -424,10 +442,18 @@ impl MysqlStoreThread {
                     server.polling_interval_ms
                 );
                 status.set_mode("polling");
+                let unwatched = if server.mysql.watch.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; rows of the watched tables ({}) are NOT delivered while polling",
+                        server.mysql.watch.join(", ")
+                    )
+                };
                 let _ = pipeline.sender().send(SourceMsg::Mode {
                     mode: "polling",
                     reason: format!(
-                        "binlog capture is not possible: {why}; polling every {} ms (intermediate versions between polls are not delivered)",
+                        "binlog capture is not possible: {why}; polling every {} ms (intermediate versions between polls are not delivered){unwatched}",
                         server.polling_interval_ms
                     ),
                 });
