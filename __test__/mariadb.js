@@ -1,6 +1,7 @@
 'use strict';
 // A private MariaDB per test file, started with scripts/mariadb.sh (own data directory, socket
 // and loopback port, binlog on unless asked otherwise). Fails loudly when it cannot start.
+const fs = require('node:fs');
 const net = require('node:net');
 const path = require('node:path');
 const { execFileSync } = require('node:child_process');
@@ -73,9 +74,11 @@ async function startMariaDb({ binlog = true } = {}) {
     async restart() {
       run(['start', dir, String(port), mode]);
     },
+    /** Stops the server and removes its data directory. */
     async stop() {
       await this.closePool();
       run(['stop', dir]);
+      fs.rmSync(dir, { recursive: true, force: true });
     },
   };
   return server;

@@ -111,6 +111,30 @@ test('operations filter, a per-table listener, and DDL gives a schema event with
   expect(schema).toEqual([expect.objectContaining({ type: 'schema', table: 'items', columns: ['sku', 'n', 'color'] })]);
 });
 
+test('without column names in the binlog (binlog_row_metadata=MINIMAL), names come from information_schema, re-read after DDL', async () => {
+  db.rootSql("SET GLOBAL binlog_row_metadata = 'MINIMAL'");
+  try {
+    expect(db.rootSql('SELECT @@global.binlog_row_metadata').trim()).toBe('MINIMAL');
+    await db.sql('CREATE TABLE minimal_meta (id INT PRIMARY KEY, a INT UNSIGNED)');
+    const s = make({ table: 'kv_watch_8' });
+    const rows = [];
+    const schema = [];
+    s.on('schema', (e) => schema.push(e));
+    await s.init();
+    await s.watch('minimal_meta', (e) => rows.push(e));
+    await db.sql('INSERT INTO minimal_meta VALUES (1, 4000000000)');
+    await waitFor(() => rows.length >= 1, 'the first row');
+    await db.sql("ALTER TABLE minimal_meta ADD COLUMN label VARCHAR(10) NULL");
+    await db.sql("INSERT INTO minimal_meta VALUES (2, 5, 'two')");
+    await waitFor(() => rows.length >= 2, 'the row after the DDL');
+    expect(rows.map((r) => r.row)).toEqual([{ id: 1, a: 4000000000 }, { id: 2, a: 5, label: 'two' }]);
+    expect(rows[1].key).toEqual({ id: 2 });
+    expect(schema.map((e) => e.columns)).toEqual([['id', 'a', 'label']]);
+  } finally {
+    db.rootSql("SET GLOBAL binlog_row_metadata = 'FULL'");
+  }
+});
+
 test('a row the binlog client cannot decode (non-UTF-8 bytes in VARBINARY) is reported loudly, and the stream goes on', async () => {
   await db.sql('CREATE TABLE raw_bytes (id INT PRIMARY KEY, b VARBINARY(8))');
   const s = make({ table: 'kv_watch_5', logLevel: 'off' });

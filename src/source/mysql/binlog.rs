@@ -20,7 +20,7 @@ use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::rows::{Layout, Watches};
+use super::rows::{is_stale, read_spec, Layout, WatchSpec, Watches};
 use super::{Conninfo, Resume};
 use crate::core::pipeline::SourceMsg;
 use crate::error::Error;
@@ -185,6 +185,40 @@ impl BinlogCapture {
         }
     }
 
+    /// Re-reads a watched table's columns after DDL (only needed when the binlog carries no
+    /// column names), on a connection of this thread's own, and keeps the result for `watch()`.
+    fn refresh(&mut self, spec: &WatchSpec) -> Option<Arc<WatchSpec>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        let (db, table) = (self.info.database.clone(), spec.table.clone());
+        let fresh = rt.block_on(async {
+            let mut conn = mysql_async::Conn::new(self.info.opts())
+                .await
+                .map_err(|e| super::sql_error(e, "refreshing a watched table's columns"))?;
+            let r = read_spec(&mut conn, &db, &table, spec.operations).await;
+            let _ = conn.disconnect().await;
+            r
+        });
+        match fresh {
+            Ok(s) => {
+                let s = Arc::new(s);
+                tracing::info!(table = %s.table, "watched table changed: columns re-read");
+                self.watches
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(s.table.clone(), s.clone());
+                Some(s)
+            }
+            Err(e) => {
+                tracing::warn!("columns of `{table}` not re-read: {e}");
+                self.metrics.record_error(&e);
+                None
+            }
+        }
+    }
+
     fn session(&mut self, cp: &mut Checkpoint, attempt: &mut u32, from_end: bool) -> End {
         // mysql_cdc's connect has no timeout: probe the address first with one.
         let addr = format!("{}:{}", self.info.host, self.info.port);
@@ -242,6 +276,7 @@ impl BinlogCapture {
         let mut tables: HashMap<u64, Table> = HashMap::new();
         // Column names last seen per watched table, to notice DDL.
         let mut schemas: HashMap<String, Vec<String>> = HashMap::new();
+        let mut refreshed: std::collections::HashSet<(String, usize)> = Default::default();
         let mut kv_columns: Option<KvColumns> = KvColumns::from_names(&self.columns);
         let mut pending: Vec<Change> = Vec::new();
         let mut saw_rows = false;
@@ -338,6 +373,14 @@ impl BinlogCapture {
                             .cloned();
                         match spec {
                             Some(spec) => {
+                                // One re-read per (table, column count): rows logged before the
+                                // DDL still have the old count, and must not re-read each time.
+                                let attempt = (t.table_name.clone(), t.column_types.len());
+                                let spec = if is_stale(&t, &spec) && refreshed.insert(attempt) {
+                                    self.refresh(&spec).unwrap_or(spec)
+                                } else {
+                                    spec
+                                };
                                 let layout = Layout::new(&t, &spec);
                                 let seen =
                                     schemas.insert(t.table_name.clone(), layout.names.clone());

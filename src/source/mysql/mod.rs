@@ -32,7 +32,7 @@ use crate::source::{SourceStatus, StoreContext};
 use crate::store::{Completion, Op};
 use binlog::{BinlogCapture, Checkpoint};
 use poll::Poller;
-use rows::{ColumnInfo, Operations, WatchSpec, Watches};
+use rows::{Operations, WatchSpec, Watches};
 
 /// How long `init()` waits for the server before failing with `USP_DB_UNAVAILABLE`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,7 +66,7 @@ impl Conninfo {
         }
     }
 
-    fn opts(&self) -> Opts {
+    pub fn opts(&self) -> Opts {
         OptsBuilder::default()
             .ip_or_hostname(self.host.clone())
             .tcp_port(self.port)
@@ -892,53 +892,7 @@ impl Store {
         crate::config::validate_identifier(table, "watch(table)")
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let db = self.info.database.clone();
-        let conn = self.conn().await?;
-        let e = |e| sql_error(e, "watch(): reading the table's columns");
-        type Col = (String, String, String, String);
-        let cols: Vec<Col> = conn
-            .exec(
-                "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, COLUMN_KEY FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
-                (db.clone(), table),
-            )
-            .await
-            .map_err(e)?;
-        if cols.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "watch('{table}'): there is no table `{table}` in database `{db}`"
-            )));
-        }
-        // MariaDB's JSON is LONGTEXT with a json_valid() check named after the column.
-        let checks: Vec<String> = conn
-            .exec(
-                "SELECT CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ?",
-                (db, table),
-            )
-            .await
-            .unwrap_or_default();
-        let columns = cols
-            .into_iter()
-            .map(|(name, data_type, column_type, key)| {
-                let dt = data_type.to_ascii_lowercase();
-                ColumnInfo {
-                    json: dt == "json"
-                        || checks
-                            .iter()
-                            .any(|c| c.replace(' ', "") == format!("json_valid(`{name}`)")),
-                    binary: matches!(
-                        dt.as_str(),
-                        "binary" | "varbinary" | "blob" | "tinyblob" | "mediumblob" | "longblob"
-                    ),
-                    unsigned: column_type.to_ascii_lowercase().contains("unsigned"),
-                    primary: key == "PRI",
-                    name,
-                }
-            })
-            .collect();
-        Ok(WatchSpec {
-            table: table.to_string(),
-            columns,
-            operations,
-        })
+        rows::read_spec(self.conn().await?, &db, table, operations).await
     }
 
     fn drop_conn_on_io(&mut self, e: &Error) {

@@ -4,12 +4,16 @@
 //! JSON columns parsed, binary columns as base64.
 
 use base64::Engine as _;
+use mysql_async::prelude::*;
 use mysql_cdc::events::row_events::mysql_value::MySqlValue;
 use mysql_cdc::events::row_events::row_data::RowData;
 use mysql_cdc::events::table_map_event::TableMapEvent;
 use serde_json::{Map, Number, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+
+use super::sql_error;
+use crate::error::{Error, Result};
 
 /// One column as information_schema describes it (read when `watch()` is called).
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +56,71 @@ pub struct WatchSpec {
 /// The watched tables, by name: written by `watch()`, read by the binlog thread at each
 /// table-map event (so a new watch applies from the next transaction it reads).
 pub type Watches = Arc<RwLock<HashMap<String, Arc<WatchSpec>>>>;
+
+/// Reads a table's columns from information_schema (names, JSON, binary, unsigned, primary key).
+pub async fn read_spec(
+    conn: &mut mysql_async::Conn,
+    db: &str,
+    table: &str,
+    operations: Operations,
+) -> Result<WatchSpec> {
+    let e = |e| sql_error(e, "watch(): reading the table's columns");
+    type Col = (String, String, String, String);
+    let cols: Vec<Col> = conn
+        .exec(
+            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, COLUMN_KEY FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            (db, table),
+        )
+        .await
+        .map_err(e)?;
+    if cols.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "watch('{table}'): there is no table `{table}` in database `{db}`"
+        )));
+    }
+    // MariaDB's JSON is LONGTEXT with a json_valid() check named after the column.
+    let checks: Vec<String> = conn
+        .exec(
+            "SELECT CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ?",
+            (db, table),
+        )
+        .await
+        .unwrap_or_default();
+    let columns = cols
+        .into_iter()
+        .map(|(name, data_type, column_type, key)| {
+            let dt = data_type.to_ascii_lowercase();
+            ColumnInfo {
+                json: dt == "json"
+                    || checks
+                        .iter()
+                        .any(|c| c.replace(' ', "") == format!("json_valid(`{name}`)")),
+                binary: matches!(
+                    dt.as_str(),
+                    "binary" | "varbinary" | "blob" | "tinyblob" | "mediumblob" | "longblob"
+                ),
+                unsigned: column_type.to_ascii_lowercase().contains("unsigned"),
+                primary: key == "PRI",
+                name,
+            }
+        })
+        .collect();
+    Ok(WatchSpec {
+        table: table.to_string(),
+        columns,
+        operations,
+    })
+}
+
+/// True when the table map cannot be decoded with `spec` as read: no column names in the binlog
+/// (`binlog_row_metadata` below FULL) and a different column count (the table changed since).
+pub fn is_stale(map: &TableMapEvent, spec: &WatchSpec) -> bool {
+    let named = map
+        .table_metadata
+        .as_ref()
+        .is_some_and(|m| m.column_names.is_some());
+    !named && spec.columns.len() != map.column_types.len()
+}
 
 /// How to decode one table's rows, from the binlog's table map and the watch's column info.
 #[derive(Debug, Clone, PartialEq)]
