@@ -31,10 +31,10 @@ function run(args) {
  * Starts a server. Returns { port, dir, uri, config(extraOptions), sql(query, params),
  * kill(), restart(), stop() }. `sql` runs through a mysql2 connection (an external writer).
  */
-async function startMariaDb({ binlog = true } = {}) {
+async function startMariaDb({ binlog = true, tls = false } = {}) {
   const dir = tmpDir('usp-mariadb-');
   const port = await freePort();
-  const mode = binlog ? 'binlog' : 'nobinlog';
+  const mode = tls ? 'tls' : binlog ? 'binlog' : 'nobinlog';
   try {
     run(['start', dir, String(port), mode]);
   } catch (e) {

@@ -285,6 +285,19 @@ describe('connection errors', () => {
     await s.close();
   });
 
+  test('a server that requires TLS is refused with a clear error, never a crash', async () => {
+    const tlsDb = await startMariaDb({ tls: true });
+    try {
+      const s = new UltimateStreamer(tlsDb.config());
+      const err = await rejectsWithCode(s.init(), 'USP_DB_ERROR');
+      expect(err.message).toMatch(/TLS/);
+      expect(err.message).not.toContain(PASSWORD);
+      await s.close();
+    } finally {
+      await tlsDb.stop();
+    }
+  });
+
   test('an unknown database fails init() with USP_DB_ERROR', async () => {
     const s = new UltimateStreamer({ database: 'mysql', connection: { uri: db.uri.replace('/usp_test', '/no_such_db') } });
     await rejectsWithCode(s.init(), 'USP_DB_ERROR');

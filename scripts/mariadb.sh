@@ -2,7 +2,9 @@
 # A private MariaDB for tests and benchmarks: its own data directory, socket and loopback port,
 # run as the current user, never the system service.
 #
-#   scripts/mariadb.sh start DIR PORT [binlog|nobinlog]   init DIR if needed, start, create users
+#   scripts/mariadb.sh start DIR PORT [binlog|nobinlog|tls]
+#                                                        init DIR if needed, start, create users;
+#                                                        tls: binlog on, and TCP clients must use TLS
 #   scripts/mariadb.sh stop DIR                           clean shutdown
 #   scripts/mariadb.sh kill DIR                           kill -9 (crash tests)
 #
@@ -44,7 +46,14 @@ start)
     --socket="$sock" --pid-file="$pidfile" --log-error="$dir/error.log" --user="$(id -un)"
     --skip-name-resolve --innodb-buffer-pool-size=64M --innodb-log-file-size=32M
     --innodb-flush-log-at-trx-commit=2 --max-connections=500 --server-id=1)
-  if [ "$mode" = binlog ]; then
+  if [ "$mode" = tls ]; then
+    if [ ! -f "$dir/cert.pem" ]; then
+      openssl req -x509 -newkey rsa:2048 -nodes -keyout "$dir/key.pem" -out "$dir/cert.pem" \
+        -days 2 -subj /CN=localhost >/dev/null 2>&1
+    fi
+    args+=(--ssl-cert="$dir/cert.pem" --ssl-key="$dir/key.pem" --require-secure-transport=ON)
+  fi
+  if [ "$mode" = binlog ] || [ "$mode" = tls ]; then
     args+=(--log-bin="$dir/data/binlog" --binlog-format=ROW --binlog-row-image=FULL
       --binlog-row-metadata=FULL --sync-binlog=0)
   fi

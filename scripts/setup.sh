@@ -11,6 +11,8 @@ command -v python3 >/dev/null || missing+=(python3)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 # OpenSSL headers: the binlog client crate (mysql_cdc) links OpenSSL.
 dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+# openssl makes the certificate of the TLS-only test server.
+command -v openssl >/dev/null || missing+=(openssl)
 # The MariaDB test server (binlog capture tests and benchmarks) and its client tools.
 command -v mariadbd >/dev/null || missing+=(mariadb-server)
 command -v mariadb >/dev/null || missing+=(mariadb-client)

@@ -84,7 +84,12 @@ pub fn sql_error(e: mysql_async::Error, what: &str) -> Error {
     match &e {
         mysql_async::Error::Server(s) => match s.code {
             // Access denied, unknown database: retrying cannot help.
-            1044 | 1045 | 1049 | 1698 => Error::Db(format!(
+            // MariaDB answers 1045 also to a client without TLS when it requires TLS.
+            1045 => Error::Db(format!(
+                "{what}: the server refused the connection ({} {}); check user and password. This version connects without TLS: a server with require_secure_transport=ON refuses it the same way",
+                s.code, s.message
+            )),
+            1044 | 1049 | 1698 => Error::Db(format!(
                 "{what}: the server refused the connection ({} {}); check user, password and database",
                 s.code, s.message
             )),
