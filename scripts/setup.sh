@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepares a fresh machine: Debian build tools and the MariaDB test server if missing, npm dependencies, the Rust build.
+# Prepares a fresh machine: Debian build tools if missing, npm dependencies, the Rust build.
+# `--test` also installs what the test suite needs: the MariaDB test server and openssl.
 # Idempotent: steps that are already done are skipped quickly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,11 +12,13 @@ command -v python3 >/dev/null || missing+=(python3)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 # OpenSSL headers: the binlog client crate (mysql_cdc) links OpenSSL.
 dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
-# openssl makes the certificate of the TLS-only test server.
-command -v openssl >/dev/null || missing+=(openssl)
-# The MariaDB test server (binlog capture tests and benchmarks) and its client tools.
-command -v mariadbd >/dev/null || missing+=(mariadb-server)
-command -v mariadb >/dev/null || missing+=(mariadb-client)
+if [ "${1:-}" = "--test" ]; then
+  # openssl makes the certificate of the TLS-only test server.
+  command -v openssl >/dev/null || missing+=(openssl)
+  # The MariaDB test server (binlog capture tests and benchmarks) and its client tools.
+  command -v mariadbd >/dev/null || missing+=(mariadb-server)
+  command -v mariadb >/dev/null || missing+=(mariadb-client)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

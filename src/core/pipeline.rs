@@ -27,9 +27,7 @@ pub enum SourceMsg<C> {
         reason: String,
         checkpoint: Option<C>,
     },
-    /// The source changed how it captures; listeners get a `mode` event.
-    Mode { mode: &'static str, reason: String },
-    /// A notice for listeners (e.g. a watched table's columns changed).
+    /// A notice for listeners: the capture mode changed, a watched table's columns changed.
     Notice(Event),
     /// Deliver what was received, then stop.
     Stop,
@@ -43,9 +41,11 @@ pub struct Pipeline<C> {
 }
 
 impl<C: Clone + Send + 'static> Pipeline<C> {
-    /// Starts the thread. `capacity` bounds the messages waiting between source and pipeline.
+    /// Starts the thread. `source` names the source in the events it makes (resync);
+    /// `capacity` bounds the messages waiting between source and pipeline.
     pub fn start(
         name: &str,
+        source: &'static str,
         core: Arc<Core>,
         sink: Arc<dyn BatchSink>,
         opts: BatchOptions,
@@ -57,7 +57,7 @@ impl<C: Clone + Send + 'static> Pipeline<C> {
         let d = delivered.clone();
         let handle = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || run(core, sink, opts, rx, d))?;
+            .spawn(move || run(source, core, sink, opts, rx, d))?;
         Ok(Pipeline {
             tx,
             handle: Some(handle),
@@ -90,6 +90,7 @@ impl<C: Clone + Send + 'static> Pipeline<C> {
 }
 
 fn run<C: Clone>(
+    source: &'static str,
     core: Arc<Core>,
     sink: Arc<dyn BatchSink>,
     opts: BatchOptions,
@@ -122,7 +123,7 @@ fn run<C: Clone>(
                 let to = core.last_seq();
                 batcher.push(
                     vec![Event::Resync {
-                        source: "mysql",
+                        source,
                         reason,
                         from: to,
                         to,
@@ -132,17 +133,6 @@ fn run<C: Clone>(
                 if let Some(c) = checkpoint {
                     *delivered.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
                 }
-                true
-            }
-            SourceMsg::Mode { mode, reason } => {
-                batcher.push(
-                    vec![Event::Mode {
-                        source: "mysql",
-                        mode,
-                        reason,
-                    }],
-                    Instant::now(),
-                );
                 true
             }
             SourceMsg::Notice(e) => {

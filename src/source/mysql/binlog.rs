@@ -341,6 +341,46 @@ impl BinlogCapture {
             let event_pos = header
                 .next_event_position
                 .saturating_sub(header.event_length);
+            // Each row as (before, after): no before for inserts, no after for deletes.
+            type Pair<'r> = (Option<&'r RowData>, Option<&'r RowData>);
+            let rows: Option<(u64, ChangeKind, Vec<Pair>)> = match &event {
+                BinlogEvent::WriteRowsEvent(w) => Some((
+                    w.table_id,
+                    ChangeKind::Insert,
+                    w.rows.iter().map(|r| (None, Some(r))).collect(),
+                )),
+                BinlogEvent::UpdateRowsEvent(u) => Some((
+                    u.table_id,
+                    ChangeKind::Update,
+                    u.rows
+                        .iter()
+                        .map(|r| (Some(&r.before_update), Some(&r.after_update)))
+                        .collect(),
+                )),
+                BinlogEvent::DeleteRowsEvent(d) => Some((
+                    d.table_id,
+                    ChangeKind::Delete,
+                    d.rows.iter().map(|r| (Some(r), None)).collect(),
+                )),
+                _ => None,
+            };
+            if let Some((table_id, kind, rows)) = rows {
+                saw_rows = true;
+                let (f, e, ts) = (file.as_str(), event_pos, header.timestamp);
+                for (r, (before, after)) in rows.into_iter().enumerate() {
+                    let change = match tables.get(&table_id) {
+                        Some(Table::Kv) => kv_columns.and_then(|cols| match after {
+                            Some(after) => kv_change(cols, before, after, f, e, r, ts),
+                            None => before.and_then(|b| kv_delete(cols, b, f, e, r, ts)),
+                        }),
+                        Some(Table::Watched(name, l)) if l.operations.allows(kind) => {
+                            Some(row_change(name, l, kind, before, after, f, e, r, ts))
+                        }
+                        _ => None,
+                    };
+                    pending.extend(change);
+                }
+            }
             match event {
                 BinlogEvent::RotateEvent(r) => {
                     file = r.binlog_filename.clone();
@@ -399,112 +439,6 @@ impl BinlogCapture {
                         }
                     };
                     tables.insert(t.table_id, kind);
-                }
-                BinlogEvent::WriteRowsEvent(w) => {
-                    saw_rows = true;
-                    match tables.get(&w.table_id) {
-                        Some(Table::Kv) => {
-                            for (i, row) in w.rows.iter().enumerate() {
-                                if let Some(c) = kv_columns.and_then(|cols| {
-                                    kv_change(
-                                        cols,
-                                        None,
-                                        row,
-                                        &file,
-                                        event_pos,
-                                        i,
-                                        header.timestamp,
-                                    )
-                                }) {
-                                    pending.push(c);
-                                }
-                            }
-                        }
-                        Some(Table::Watched(name, l)) if l.operations.insert => {
-                            for (i, row) in w.rows.iter().enumerate() {
-                                pending.push(row_change(
-                                    name,
-                                    l,
-                                    ChangeKind::Insert,
-                                    None,
-                                    Some(row),
-                                    &file,
-                                    event_pos,
-                                    i,
-                                    header.timestamp,
-                                ));
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                BinlogEvent::UpdateRowsEvent(u) => {
-                    saw_rows = true;
-                    match tables.get(&u.table_id) {
-                        Some(Table::Kv) => {
-                            for (i, row) in u.rows.iter().enumerate() {
-                                if let Some(c) = kv_columns.and_then(|cols| {
-                                    kv_change(
-                                        cols,
-                                        Some(&row.before_update),
-                                        &row.after_update,
-                                        &file,
-                                        event_pos,
-                                        i,
-                                        header.timestamp,
-                                    )
-                                }) {
-                                    pending.push(c);
-                                }
-                            }
-                        }
-                        Some(Table::Watched(name, l)) if l.operations.update => {
-                            for (i, row) in u.rows.iter().enumerate() {
-                                pending.push(row_change(
-                                    name,
-                                    l,
-                                    ChangeKind::Update,
-                                    Some(&row.before_update),
-                                    Some(&row.after_update),
-                                    &file,
-                                    event_pos,
-                                    i,
-                                    header.timestamp,
-                                ));
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                BinlogEvent::DeleteRowsEvent(d) => {
-                    saw_rows = true;
-                    match tables.get(&d.table_id) {
-                        Some(Table::Kv) => {
-                            for (i, row) in d.rows.iter().enumerate() {
-                                if let Some(c) = kv_columns.and_then(|cols| {
-                                    kv_delete(cols, row, &file, event_pos, i, header.timestamp)
-                                }) {
-                                    pending.push(c);
-                                }
-                            }
-                        }
-                        Some(Table::Watched(name, l)) if l.operations.delete => {
-                            for (i, row) in d.rows.iter().enumerate() {
-                                pending.push(row_change(
-                                    name,
-                                    l,
-                                    ChangeKind::Delete,
-                                    Some(row),
-                                    None,
-                                    &file,
-                                    event_pos,
-                                    i,
-                                    header.timestamp,
-                                ));
-                            }
-                        }
-                        _ => {}
-                    }
                 }
                 BinlogEvent::XidEvent(_) => {
                     self.commit(

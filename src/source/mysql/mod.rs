@@ -27,7 +27,7 @@ use crate::core::pipeline::Pipeline;
 use crate::core::pipeline::SourceMsg;
 use crate::core::Core;
 use crate::error::{Error, Result};
-use crate::event::json_or_string;
+use crate::event::{json_or_string, Event};
 use crate::source::{SourceStatus, StoreContext};
 use crate::store::{Completion, Op};
 use binlog::{BinlogCapture, Checkpoint};
@@ -356,6 +356,7 @@ impl MysqlStoreThread {
         connected.store(true, Relaxed);
         let pipeline = match Pipeline::start(
             "usp-mysql-delivery",
+            "mysql",
             core.clone(),
             sink,
             batch,
@@ -455,13 +456,14 @@ impl MysqlStoreThread {
                         server.mysql.watch.join(", ")
                     )
                 };
-                let _ = pipeline.sender().send(SourceMsg::Mode {
+                let _ = pipeline.sender().send(SourceMsg::Notice(Event::Mode {
+                    source: "mysql",
                     mode: "polling",
                     reason: format!(
                         "binlog capture is not possible: {why}; polling every {} ms (intermediate versions between polls are not delivered){unwatched}",
                         server.polling_interval_ms
                     ),
-                });
+                }));
             }
         }
         tracing::info!(table = %server.table, version = %started.facts.version, mode = status.mode(), "mysql store ready");
@@ -552,10 +554,11 @@ impl MysqlStoreThread {
                     }
                     status.set_mode("binlog");
                     tracing::info!("binlog capture available again: polling stopped");
-                    let _ = pipeline.sender().send(SourceMsg::Mode {
+                    let _ = pipeline.sender().send(SourceMsg::Notice(Event::Mode {
+                        source: "mysql",
                         mode: "binlog",
                         reason: "binlog capture is available: polling stopped".into(),
-                    });
+                    }));
                 }
             }
         }
@@ -893,9 +896,8 @@ impl Store {
     }
 
     /// Reads what decoding `table`'s rows needs from information_schema.
+    /// The name was validated by `Engine::watch` or the config.
     async fn watch_spec(&mut self, table: &str, operations: Operations) -> Result<WatchSpec> {
-        crate::config::validate_identifier(table, "watch(table)")
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let db = self.info.database.clone();
         rows::read_spec(self.conn().await?, &db, table, operations).await
     }

@@ -35,6 +35,18 @@ pub struct Operations {
     pub delete: bool,
 }
 
+impl Operations {
+    /// Whether changes of `kind` are delivered.
+    pub fn allows(&self, kind: crate::event::ChangeKind) -> bool {
+        use crate::event::ChangeKind::*;
+        match kind {
+            Insert => self.insert,
+            Update => self.update,
+            Delete => self.delete,
+        }
+    }
+}
+
 impl Default for Operations {
     fn default() -> Self {
         Operations {
