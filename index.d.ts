@@ -8,7 +8,7 @@ import { EventEmitter } from 'node:events';
  * `code` is one of these:
  *
  * - `USP_INVALID_CONFIG` — the configuration is invalid; the message names the option.
- * - `USP_UNSUPPORTED_BACKEND` — the chosen database (`mongodb`) is not available in this version.
+ * - `USP_UNSUPPORTED_BACKEND` — the backend cannot do this (watch() on the embedded store, or while polling).
  * - `USP_INVALID_KEY` — the key is not a non-empty string of at most `maxKeyLength` characters without NUL.
  * - `USP_INVALID_VALUE` — the value cannot be stored as JSON (undefined, function, symbol, BigInt, circular).
  * - `USP_VALUE_TOO_LARGE` — the value is larger than `maxValueSize` bytes as JSON (default 16 MiB).
@@ -90,7 +90,7 @@ export interface StreamerOptions {
   dedupeCapacity?: number;
   /** Log level (to stderr): off, error, warn, info, debug, trace. Default: `USP_LOG` or warn. */
   logLevel?: 'off' | 'error' | 'warn' | 'info' | 'debug' | 'trace';
-  /** KV table name (letters, digits, underscore). Default 'usp_kv'. SQLite: the change log is `<table>_changes`; MySQL: the capture checkpoint is in `<table>_checkpoint`. */
+  /** KV table (MongoDB: collection) name (letters, digits, underscore). Default 'usp_kv'. SQLite: the change log is `<table>_changes`; MySQL and MongoDB: the capture checkpoint is in `<table>_checkpoint`. */
   table?: string;
   /** MySQL/MariaDB binlog capture settings. */
   mysql?: {
@@ -107,6 +107,21 @@ export interface StreamerOptions {
     /** In polling mode, how often binlog capture is tried again, in ms (100..86400000). Default 30000. */
     fastPathRetry?: number;
     /** Name of this streamer's capture checkpoint (1..64 characters); streamers that resume independently use different names. Default 'default'. */
+    checkpointName?: string;
+  };
+  /** MongoDB change-stream settings. */
+  mongodb?: {
+    /** How long the server may hold an idle change-stream request open, in ms (100..3600000); a request unanswered for this plus 2 s counts as a lost connection. Default 1000. */
+    heartbeatInterval?: number;
+    /** First reconnect delay in ms; doubles per attempt, with jitter. Default 100. */
+    reconnectMinDelay?: number;
+    /** Largest reconnect delay in ms. Default 5000. */
+    reconnectMaxDelay?: number;
+    /** Collections watched from init() on, as if watch() was called first: their changes made while no streamer ran arrive on resume. */
+    watch?: string[];
+    /** In polling mode, how often change streams are tried again, in ms (100..86400000). Default 30000. */
+    fastPathRetry?: number;
+    /** Name of this streamer's checkpoint (resume tokens) in `<table>_checkpoint` (1..64 characters). Default 'default'. */
     checkpointName?: string;
   };
   /** Embedded SQLite settings. */
@@ -128,7 +143,7 @@ export interface StreamerOptions {
 export interface ConnectionConfig {
   /** SQLite file path, or ':memory:'. Default 'ultimate-streaming.db' in the working directory. */
   path?: string;
-  /** 'sqlite:<path>', or 'mysql://user:password@host:port/database' (fields given separately win). */
+  /** 'sqlite:<path>', 'mysql://user:password@host:port/database' (fields given separately win), or a MongoDB connection string 'mongodb://…' / 'mongodb+srv://…' (read by the official driver; `database` given separately wins over its path). */
   uri?: string;
   host?: string;
   port?: number;
@@ -139,7 +154,7 @@ export interface ConnectionConfig {
 
 /** The nested configuration shape. */
 export interface NestedConfig {
-  /** 'sqlite' (default), 'mysql' (MySQL/MariaDB) or 'mongodb' (not available yet). */
+  /** 'sqlite' (default), 'mysql' (MySQL/MariaDB) or 'mongodb'. */
   database?: 'sqlite' | 'mysql' | 'mongodb';
   connection?: ConnectionConfig;
   options?: StreamerOptions;
@@ -199,21 +214,39 @@ export interface WatchOptions {
  * ENUM as its label. Fractional seconds are delivered to the millisecond.
  */
 export interface RowEvent<Row = Record<string, JsonValue>> {
-  type: 'insert' | 'update' | 'delete';
+  /** MongoDB also reports 'replace' (a whole document replaced). */
+  type: 'insert' | 'update' | 'replace' | 'delete';
+  /** The table (MongoDB: collection). */
   table: string;
-  /** The primary key columns (all columns when the table has none). */
+  /** MySQL: the primary key columns (all columns when the table has none). MongoDB: `{ _id }`. */
   key: Record<string, JsonValue>;
-  /** The row after the change; null for deletes. */
+  /**
+   * The row after the change; null for deletes. MongoDB: the document in relaxed Extended JSON
+   * (ObjectId as `{ $oid }`, dates as `{ $date }`); for an update, the document as it is when the
+   * event is read (it may already include later changes).
+   */
   row: Row | null;
-  /** The row before an update or delete; null for inserts. */
+  /** MySQL: the row before an update or delete; null for inserts (and for MongoDB). */
   before: Row | null;
-  /** Stable id from the binlog position: '<file number>:<event position>:<row index>'. */
+  /** MongoDB updates: `{ updatedFields, removedFields, truncatedArrays }` as the server reports it. */
+  update?: { updatedFields: Record<string, JsonValue>; removedFields: string[]; truncatedArrays?: JsonValue[] };
+  /** Stable id. MySQL: '<file number>:<event position>:<row index>' of the binlog; MongoDB: the resume token's `_data`. */
   id: string;
   seq: number;
-  source: 'mysql';
-  /** When the statement ran, ms since the epoch (the binlog has one-second precision here). */
+  source: 'mysql' | 'mongodb';
+  /** When the change was made, ms since the epoch (one-second precision here). */
   timestamp: number;
   latency: number;
+}
+
+/** A watched collection (or the database) was dropped or renamed; the stream goes on. */
+export interface InvalidateEvent {
+  type: 'invalidate';
+  source: 'mongodb';
+  table: string | null;
+  /** The server's word for it: 'drop', 'rename', 'dropDatabase' or 'invalidate'. */
+  operation: string;
+  reason: string;
 }
 
 /** A watched table's columns changed. */
@@ -228,7 +261,7 @@ export interface SchemaEvent {
 export interface ModeEvent {
   type: 'mode';
   source: string;
-  mode: 'binlog' | 'polling';
+  mode: 'binlog' | 'changeStream' | 'polling';
   reason: string;
 }
 
@@ -251,7 +284,7 @@ export interface SourceStatus {
   attempts: number;
   /** Successful reconnects since init. */
   reconnects: number;
-  /** What init() found: version, flavor, logBin, binlogFormat, binlogRowImage, binlogRowMetadata, replicationGrants. */
+  /** What init() found. MySQL: version, flavor, logBin, binlogFormat, binlogRowImage, binlogRowMetadata, replicationGrants. MongoDB: version, topology, setName, maxWireVersion, replicaSetOrSharded. */
   server: Record<string, unknown>;
   /** The last transaction boundary captured, e.g. 'binlog.000003:1234'. */
   position: string;
@@ -259,8 +292,8 @@ export interface SourceStatus {
 
 /** What `getStatus()` returns. */
 export interface StreamerStatus {
-  /** 'idle' before init, 'starting', 'changelog' (capturing the SQLite change log), 'binlog' (capturing the MySQL binary log), 'polling' (MySQL without binlog access), 'failed' (capture stopped on an internal error, see `errors.last`), 'closed'. */
-  mode: 'idle' | 'starting' | 'changelog' | 'binlog' | 'polling' | 'failed' | 'closed';
+  /** 'idle' before init, 'starting', 'changelog' (capturing the SQLite change log), 'binlog' (capturing the MySQL binary log), 'changeStream' (MongoDB change streams), 'polling' (MySQL without binlog access, MongoDB without change streams), 'failed' (capture stopped on an internal error, see `errors.last`), 'closed'. */
+  mode: 'idle' | 'starting' | 'changelog' | 'binlog' | 'changeStream' | 'polling' | 'failed' | 'closed';
   connected: boolean;
   initialized: boolean;
   closed: boolean;
@@ -316,10 +349,13 @@ export declare class UltimateStreamer extends EventEmitter {
   /** Deletes a key; resolves true when it existed. */
   delete(key: string): Promise<boolean>;
   /**
-   * MySQL/MariaDB: delivers every row change of `table` (any table of the connected database) as
-   * 'row' events, from the next transaction the binlog reader reads. Resolves once active.
-   * Rejects with USP_INVALID_ARGUMENT (no such table, bad name or options) or
-   * USP_UNSUPPORTED_BACKEND (the embedded store, or a MySQL streamer in polling mode).
+   * Delivers every change of `table` as 'row' events. MySQL/MariaDB: any table of the connected
+   * database, from the next transaction the binlog reader reads. MongoDB: any collection of the
+   * database, through its own change stream (resuming after its saved token when an earlier
+   * streamer with the same checkpoint name watched it); 'update' in `operations` includes
+   * replacements. Resolves once active. Rejects with USP_INVALID_ARGUMENT (no such table, bad
+   * name or options) or USP_UNSUPPORTED_BACKEND (the embedded store, or a streamer in polling
+   * mode).
    */
   watch(table: string, listener?: (e: RowEvent) => void): Promise<void>;
   watch(table: string, options: WatchOptions, listener?: (e: RowEvent) => void): Promise<void>;
@@ -331,10 +367,12 @@ export declare class UltimateStreamer extends EventEmitter {
   on(event: ChangeEventName, listener: (e: ChangeEvent) => void): this;
   on(event: ChangeEventName, filter: ListenerFilter, listener: (e: ChangeEvent) => void): this;
   /** Every delivered batch at once (after the per-event listeners). */
-  on(event: 'batch', listener: (events: Array<ChangeEvent | RowEvent | ResyncEvent | ModeEvent | SchemaEvent>) => void): this;
+  on(event: 'batch', listener: (events: Array<ChangeEvent | RowEvent | ResyncEvent | ModeEvent | SchemaEvent | InvalidateEvent>) => void): this;
   on(event: 'resync', listener: (e: ResyncEvent) => void): this;
-  /** The capture mode changed (MySQL: 'polling' when the binlog cannot be read, 'binlog' when it can again). */
+  /** The capture mode changed ('polling' when the binlog or change streams cannot be used, 'binlog' / 'changeStream' when they can again). */
   on(event: 'mode', listener: (e: ModeEvent) => void): this;
+  /** MongoDB: a watched collection, the key-value collection or the database was dropped or renamed. */
+  on(event: 'invalidate', listener: (e: InvalidateEvent) => void): this;
   /** A row change of a table watched with `watch()`. */
   on(event: 'row', listener: (e: RowEvent) => void): this;
   /** The columns of a watched table changed (ALTER TABLE); the stream goes on. */

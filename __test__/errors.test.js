@@ -58,14 +58,20 @@ describe('USP_INVALID_CONFIG', () => {
   });
 });
 
-describe('USP_UNSUPPORTED_BACKEND', () => {
+describe('MongoDB configs', () => {
   test.each([
     [{ database: 'mongodb', connection: { uri: 'mongodb://app:pw@localhost:27017/mydb' }, options: { useChangeStreams: true } }],
     [{ dbType: 'mongodb', host: '127.0.0.1', port: 27017, user: 'app', password: 'pw', database: 'shop' }],
-  ])('%j says it is not available yet', (config) => {
-    const err = throwsWithCode(() => new UltimateStreamer(config), 'USP_UNSUPPORTED_BACKEND');
-    expect(err.message).toMatch(/not available yet/);
-    expect(err.message).not.toContain('pw@');
+  ])('%j is accepted, and the status never shows the password', (config) => {
+    const s = new UltimateStreamer(config);
+    const st = JSON.stringify(s.getStatus());
+    expect(st).toContain('"type":"mongodb"');
+    expect(st).not.toContain('pw');
+  });
+
+  test('a MongoDB config without a database is refused with the option named', () => {
+    const err = throwsWithCode(() => new UltimateStreamer({ database: 'mongodb', connection: { uri: 'mongodb://localhost:27017' } }), 'USP_INVALID_CONFIG');
+    expect(err.message).toMatch(/database/);
   });
 });
 

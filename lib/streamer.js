@@ -190,7 +190,7 @@ class UltimateStreamer extends EventEmitter {
   }
 
   /**
-   * MySQL/MariaDB: delivers every row change of `table` (any table of the database) as 'row'
+   * Delivers every row change of `table` (MySQL: any table; MongoDB: any collection) as 'row'
    * events. Resolves once the watch is active. `options.operations` picks among 'insert',
    * 'update' and 'delete' (default: all); `listener`, if given, is added as a 'row' listener
    * for this table only.
@@ -296,7 +296,7 @@ class UltimateStreamer extends EventEmitter {
   }
 
   #onEvents(json, dispatchedAt) {
-    const names = ['change', 'insert', 'update', 'delete', 'batch', 'resync', 'mode', 'row', 'schema'];
+    const names = ['change', 'insert', 'update', 'delete', 'batch', 'resync', 'mode', 'row', 'schema', 'invalidate'];
     // Nobody listens: skip decoding, unless the batch may hold a resync (never silent).
     if (names.every((n) => this.listenerCount(n) === 0) && !json.includes('"type":"resync"')) return;
     let events;
@@ -320,7 +320,7 @@ class UltimateStreamer extends EventEmitter {
         else process.emitWarning(`ultimate-streaming resync: ${e.reason}`, { code: 'USP_RESYNC' });
         continue;
       }
-      if (e.type === 'mode' || e.type === 'schema') {
+      if (e.type === 'mode' || e.type === 'schema' || e.type === 'invalidate') {
         const ls = this.rawListeners(e.type);
         if (ls.length) this.#emitSafe(ls, e.type, e);
         continue;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a fresh machine: Debian build tools if missing, npm dependencies, the Rust build.
-# `--test` also installs what the test suite needs: the MariaDB test server and openssl.
+# `--test` also installs what the test suite needs: the MariaDB test server, openssl, and a JDK
+# and Maven for the MongoDB test server, which it then builds.
 # Idempotent: steps that are already done are skipped quickly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,9 @@ if [ "${1:-}" = "--test" ]; then
   # The MariaDB test server (binlog capture tests and benchmarks) and its client tools.
   command -v mariadbd >/dev/null || missing+=(mariadb-server)
   command -v mariadb >/dev/null || missing+=(mariadb-client)
+  # The MongoDB test server (scripts/mongo.sh): mongo-java-server, fetched with Maven, run on a JDK.
+  command -v javac >/dev/null || missing+=(default-jdk-headless)
+  command -v mvn >/dev/null || missing+=(maven)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
@@ -37,3 +41,9 @@ fi
 
 echo "setup: building the native engine (release)"
 npx napi build --platform --release --output-dir native --js index.js --dts index.d.ts
+
+if [ "${1:-}" = "--test" ]; then
+  # Fetches the jars from Maven Central once and compiles the launcher (quick when up to date).
+  echo "setup: building the MongoDB test server"
+  bash scripts/mongo.sh build
+fi

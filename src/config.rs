@@ -60,21 +60,22 @@ pub struct ServerConfig {
     pub database: Option<String>,
     /// The key-value table (collection) of push/get/delete. Default `usp_kv`.
     pub table: String,
-    /// MySQL/MariaDB capture settings (`options.mysql`).
-    pub mysql: MysqlOptions,
+    /// Capture settings (`options.mysql` or `options.mongodb`).
+    pub capture: CaptureOptions,
     /// Copies of the top-level options the server sources need.
     pub use_change_streams: bool,
     pub polling_interval_ms: u64,
 }
 
-/// `options.mysql`: binlog capture settings.
+/// `options.mysql` / `options.mongodb`: change capture settings of a server backend.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MysqlOptions {
+pub struct CaptureOptions {
     /// Replication `server_id` of the binlog connection; must be unique among the server's
     /// replicas (a duplicate disconnects the other one). Default: random in 100000..2^31.
     pub server_id: Option<u32>,
-    /// Heartbeat the server sends on an idle binlog stream, in ms. A stream silent for longer
-    /// than this (plus a margin) is treated as dead and reconnected. Default 1000.
+    /// MySQL: heartbeat the server sends on an idle binlog stream, in ms; a stream silent for
+    /// longer than this (plus a margin) is treated as dead and reconnected. MongoDB: how long the
+    /// server holds an idle change-stream request open. Default 1000.
     pub heartbeat_ms: u64,
     /// First reconnect delay, in ms; it doubles per attempt (with jitter). Default 100.
     pub reconnect_min_ms: u64,
@@ -83,16 +84,17 @@ pub struct MysqlOptions {
     /// Name under which the capture checkpoint is stored (table `<table>_checkpoint`); two
     /// streamers that must resume independently use different names. Default `default`.
     pub checkpoint_name: String,
-    /// In polling mode, how often binlog capture is tried again, in ms. Default 30000.
+    /// In polling mode, how often the fast path (binlog, change stream) is tried again, in ms.
+    /// Default 30000.
     pub fast_path_retry_ms: u64,
-    /// Tables watched from `init()` on (as if `watch()` was called before capture started), so
-    /// their rows written while no streamer ran are delivered on resume.
+    /// Tables (collections) watched from `init()` on (as if `watch()` was called before capture
+    /// started), so their rows written while no streamer ran are delivered on resume.
     pub watch: Vec<String>,
 }
 
-impl Default for MysqlOptions {
+impl Default for CaptureOptions {
     fn default() -> Self {
-        MysqlOptions {
+        CaptureOptions {
             server_id: None,
             heartbeat_ms: 1000,
             reconnect_min_ms: 100,
@@ -221,6 +223,15 @@ const OPTION_KEYS: &[&str] = &[
     "table",
     "sqlite",
     "mysql",
+    "mongodb",
+];
+const MONGODB_KEYS: &[&str] = &[
+    "heartbeatInterval",
+    "reconnectMinDelay",
+    "reconnectMaxDelay",
+    "checkpointName",
+    "fastPathRetry",
+    "watch",
 ];
 const MYSQL_KEYS: &[&str] = &[
     "serverId",
@@ -495,10 +506,12 @@ impl Config {
                         "`{opt_path}sqlite` only applies to the sqlite backend"
                     )));
                 }
-                if backend_name != "mysql" && opts.contains_key("mysql") {
-                    return Err(invalid(format!(
-                        "`{opt_path}mysql` only applies to the mysql backend"
-                    )));
+                for other in ["mysql", "mongodb"] {
+                    if backend_name != other && opts.contains_key(other) {
+                        return Err(invalid(format!(
+                            "`{opt_path}{other}` only applies to the {other} backend"
+                        )));
+                    }
                 }
                 let mut server = ServerConfig {
                     uri: get_str(&conn, "uri", conn_path)?.map(str::to_string),
@@ -512,7 +525,7 @@ impl Config {
                     ),
                     database: get_str(&conn, "database", conn_path)?.map(str::to_string),
                     table: "usp_kv".into(),
-                    mysql: MysqlOptions::default(),
+                    capture: CaptureOptions::default(),
                     use_change_streams: cfg.use_change_streams,
                     polling_interval_ms: cfg.polling_interval_ms,
                 };
@@ -522,10 +535,9 @@ impl Config {
                 }
                 if backend_name == "mysql" {
                     parse_mysql(&mut server, &opts, opt_path, conn_path)?;
-                }
-                if backend_name == "mysql" {
                     Backend::Mysql(server)
                 } else {
+                    parse_mongodb(&mut server, &opts, opt_path, conn_path)?;
                     Backend::Mongodb(server)
                 }
             }
@@ -647,58 +659,160 @@ fn parse_mysql(
         }
         Some(d) => validate_identifier(d, &format!("{conn_path}database"))?,
     }
-    if let Some(v) = opts.get("mysql") {
-        let mo = expect_object(v, &format!("{opt_path}mysql"))?;
-        let p = format!("{opt_path}mysql.");
-        check_keys(mo, MYSQL_KEYS, &p)?;
-        if let Some(n) = get_int(mo, "serverId", &p, 1, u32::MAX as u64)? {
-            s.mysql.server_id = Some(n as u32);
-        }
-        if let Some(n) = get_int(mo, "heartbeatInterval", &p, 100, 3_600_000)? {
-            s.mysql.heartbeat_ms = n;
-        }
-        if let Some(n) = get_int(mo, "reconnectMinDelay", &p, 1, 600_000)? {
-            s.mysql.reconnect_min_ms = n;
-        }
-        if let Some(n) = get_int(mo, "reconnectMaxDelay", &p, 1, 3_600_000)? {
-            s.mysql.reconnect_max_ms = n;
-        }
-        if s.mysql.reconnect_max_ms < s.mysql.reconnect_min_ms {
-            return Err(invalid(format!(
-                "`{p}reconnectMaxDelay` must be at least `{p}reconnectMinDelay`"
-            )));
-        }
-        if let Some(v) = mo.get("watch") {
-            let tables = v.as_array().ok_or_else(|| {
+    parse_capture(&mut s.capture, opts, "mysql", MYSQL_KEYS, opt_path)
+}
+
+/// Fills the MongoDB connection from `uri` (kept whole for the driver; the separate fields
+/// build one when it is absent) and `options.mongodb`.
+fn parse_mongodb(
+    s: &mut ServerConfig,
+    opts: &Map<String, Value>,
+    opt_path: &str,
+    conn_path: &str,
+) -> Result<()> {
+    match &s.uri {
+        Some(uri) => {
+            let u = parse_mongodb_uri(uri).map_err(|why| {
                 invalid(format!(
-                    "`{p}watch` must be an array of table names, got {}",
-                    kind(v)
+                    "`{conn_path}uri` is not a MongoDB URI ({why}); expected mongodb://user:password@host:port/database, got {}",
+                    redact_uri(uri)
                 ))
             })?;
-            for t in tables {
-                let name = t.as_str().ok_or_else(|| {
-                    invalid(format!(
-                        "`{p}watch` must hold table names (strings), got {}",
-                        kind(t)
-                    ))
-                })?;
-                validate_identifier(name, &format!("{p}watch"))?;
-                s.mysql.watch.push(name.to_string());
+            if s.database.is_none() {
+                s.database = u.database;
             }
-        }
-        if let Some(n) = get_int(mo, "fastPathRetry", &p, 100, 86_400_000)? {
-            s.mysql.fast_path_retry_ms = n;
-        }
-        if let Some(n) = get_str(mo, "checkpointName", &p)? {
-            if n.is_empty() || n.len() > 64 {
-                return Err(invalid(format!(
-                    "`{p}checkpointName` must be 1 to 64 characters"
-                )));
+            if s.host.is_none() {
+                s.host = u.host;
             }
-            s.mysql.checkpoint_name = n.to_string();
+            s.port = s.port.or(u.port);
+        }
+        None => {
+            if s.host.is_none() {
+                s.host = Some("127.0.0.1".into());
+            }
         }
     }
+    match &s.database {
+        None => {
+            return Err(invalid(format!(
+                "the mongodb backend needs a database: set `{conn_path}database` or put it in the URI path"
+            )))
+        }
+        Some(d) => validate_identifier(d, &format!("{conn_path}database"))?,
+    }
+    parse_capture(&mut s.capture, opts, "mongodb", MONGODB_KEYS, opt_path)
+}
+
+/// `options.<backend>`: the capture settings.
+fn parse_capture(
+    c: &mut CaptureOptions,
+    opts: &Map<String, Value>,
+    backend: &str,
+    allowed: &[&str],
+    opt_path: &str,
+) -> Result<()> {
+    let Some(v) = opts.get(backend) else {
+        return Ok(());
+    };
+    let mo = expect_object(v, &format!("{opt_path}{backend}"))?;
+    let p = format!("{opt_path}{backend}.");
+    check_keys(mo, allowed, &p)?;
+    if let Some(n) = get_int(mo, "serverId", &p, 1, u32::MAX as u64)? {
+        c.server_id = Some(n as u32);
+    }
+    if let Some(n) = get_int(mo, "heartbeatInterval", &p, 100, 3_600_000)? {
+        c.heartbeat_ms = n;
+    }
+    if let Some(n) = get_int(mo, "reconnectMinDelay", &p, 1, 600_000)? {
+        c.reconnect_min_ms = n;
+    }
+    if let Some(n) = get_int(mo, "reconnectMaxDelay", &p, 1, 3_600_000)? {
+        c.reconnect_max_ms = n;
+    }
+    if c.reconnect_max_ms < c.reconnect_min_ms {
+        return Err(invalid(format!(
+            "`{p}reconnectMaxDelay` must be at least `{p}reconnectMinDelay`"
+        )));
+    }
+    if let Some(v) = mo.get("watch") {
+        let tables = v.as_array().ok_or_else(|| {
+            invalid(format!(
+                "`{p}watch` must be an array of table names, got {}",
+                kind(v)
+            ))
+        })?;
+        for t in tables {
+            let name = t.as_str().ok_or_else(|| {
+                invalid(format!(
+                    "`{p}watch` must hold table names (strings), got {}",
+                    kind(t)
+                ))
+            })?;
+            validate_identifier(name, &format!("{p}watch"))?;
+            c.watch.push(name.to_string());
+        }
+    }
+    if let Some(n) = get_int(mo, "fastPathRetry", &p, 100, 86_400_000)? {
+        c.fast_path_retry_ms = n;
+    }
+    if let Some(n) = get_str(mo, "checkpointName", &p)? {
+        if n.is_empty() || n.len() > 64 {
+            return Err(invalid(format!(
+                "`{p}checkpointName` must be 1 to 64 characters"
+            )));
+        }
+        c.checkpoint_name = n.to_string();
+    }
     Ok(())
+}
+
+/// What `init()` can learn from a MongoDB URI without the driver: the host of the first seed,
+/// its port and the default database. The driver parses the whole URI (options, replica set
+/// seeds, SRV) at `init()`.
+fn parse_mongodb_uri(uri: &str) -> std::result::Result<UriParts, &'static str> {
+    let rest = uri
+        .strip_prefix("mongodb://")
+        .or_else(|| uri.strip_prefix("mongodb+srv://"))
+        .ok_or("the scheme must be mongodb:// or mongodb+srv://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest.split('?').next().unwrap_or(rest), ""),
+    };
+    let hosts = match authority.rfind('@') {
+        Some(at) => &authority[at + 1..],
+        None => authority,
+    };
+    let first = hosts.split(',').next().unwrap_or("");
+    if first.is_empty() {
+        return Err("no host");
+    }
+    // `host`, `host:port`, `[v6]` or `[v6]:port`.
+    let (host, port) = match first.strip_prefix('[') {
+        Some(v6) => {
+            let (h, tail) = v6.split_once(']').ok_or("an IPv6 host lacks its ']'")?;
+            (h, tail.strip_prefix(':'))
+        }
+        None => match first.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (first, None),
+        },
+    };
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().map_err(|_| "the port is not a number")?),
+        None => None,
+    };
+    let db = path.split('?').next().unwrap_or("");
+    Ok(UriParts {
+        host: Some(host.to_string()),
+        port,
+        user: None,
+        password: None,
+        database: if db.is_empty() {
+            None
+        } else {
+            Some(percent_decode(db)?)
+        },
+    })
 }
 
 /// The parts of `mysql://user:password@host:port/database` (percent-decoded user and password).
@@ -924,8 +1038,8 @@ mod tests {
         assert_eq!(s.port, Some(3307));
         assert_eq!(s.database.as_deref(), Some("shop"));
         assert_eq!(s.table, "kv2");
-        assert_eq!(s.mysql.server_id, Some(77));
-        assert_eq!(s.mysql.heartbeat_ms, 500);
+        assert_eq!(s.capture.server_id, Some(77));
+        assert_eq!(s.capture.heartbeat_ms, 500);
         assert!(!c.backend_summary().to_string().contains("p@ss"));
         // Flat shape, no URI.
         let c = Config::from_json(
@@ -972,8 +1086,8 @@ mod tests {
         let Backend::Mysql(s) = &c.backend else {
             panic!("mysql")
         };
-        assert_eq!(s.mysql.watch, vec!["orders", "items"]);
-        assert_eq!(s.mysql.fast_path_retry_ms, 500);
+        assert_eq!(s.capture.watch, vec!["orders", "items"]);
+        assert_eq!(s.capture.fast_path_retry_ms, 500);
         assert!(
             err(json!({"database": "mysql", "connection": {"database": "d"},
             "options": {"mysql": {"watch": "orders"}}}))

@@ -29,6 +29,18 @@ pub enum Position {
     ChangeLog(ChangeLogSeq),
     Binlog(BinlogPosition),
     Poll(PollPosition),
+    /// The n-th event of a MongoDB change stream in this process. Resume tokens are opaque and
+    /// a resumed stream starts exactly after its token, so these changes are deduplicated by
+    /// per-key version only; the token itself travels in `Change::meta`.
+    Stream(u64),
+}
+
+impl Position {
+    /// True for positions of a log read in order (change log, binlog): a position at or before
+    /// the last admitted one is a replay.
+    pub fn is_ordered_log(&self) -> bool {
+        matches!(self, Position::ChangeLog(_) | Position::Binlog(_))
+    }
 }
 
 impl Position {
@@ -40,6 +52,7 @@ impl Position {
                 ((b.file_index as u128) << 64) | ((b.event_pos as u128) << 32) | b.row as u128
             }
             Position::Poll(p) => p.0.max(0) as u128,
+            Position::Stream(n) => *n as u128,
         }
     }
 }
@@ -49,6 +62,8 @@ impl Position {
 pub enum ChangeKind {
     Insert,
     Update,
+    /// A whole document replaced (MongoDB `replaceOne`), for watched collections.
+    Replace,
     Delete,
 }
 
@@ -57,6 +72,7 @@ impl ChangeKind {
         match self {
             ChangeKind::Insert => "insert",
             ChangeKind::Update => "update",
+            ChangeKind::Replace => "replace",
             ChangeKind::Delete => "delete",
         }
     }
@@ -87,6 +103,18 @@ pub struct Change {
     pub table: Option<Arc<str>>,
     /// A watched row before an update or delete, as a JSON object.
     pub before: Option<Arc<str>>,
+    /// What a source knows of a watched row beyond the row itself (MongoDB: the resume token
+    /// and the update description).
+    pub meta: Option<Arc<RowMeta>>,
+}
+
+/// Source-specific details of a watched row change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowMeta {
+    /// The stable event id (MongoDB: the resume token's `_data`).
+    pub id: String,
+    /// MongoDB `updateDescription` of an update, as JSON.
+    pub update: Option<String>,
 }
 
 /// What the delivery sinks receive.
@@ -113,6 +141,15 @@ pub enum Event {
         mode: &'static str,
         reason: String,
     },
+    /// A watched collection (or the database) was dropped or renamed: its stream of changes
+    /// ended there. `operation` is the server's word for it (`drop`, `rename`, `dropDatabase`,
+    /// `invalidate`).
+    Invalidate {
+        source: &'static str,
+        table: Option<Arc<str>>,
+        operation: String,
+        reason: String,
+    },
 }
 
 impl Event {
@@ -123,7 +160,10 @@ impl Event {
         match self {
             Event::Change(c) if c.table.is_some() => None,
             Event::Change(c) => Some(c.commit_ts_us),
-            Event::Resync { .. } | Event::Mode { .. } | Event::Schema { .. } => None,
+            Event::Resync { .. }
+            | Event::Mode { .. }
+            | Event::Schema { .. }
+            | Event::Invalidate { .. } => None,
         }
     }
 }
@@ -163,13 +203,23 @@ fn push_row(out: &mut String, c: &Change) {
     out.push_str(c.data.as_deref().unwrap_or("null"));
     out.push_str(",\"before\":");
     out.push_str(c.before.as_deref().unwrap_or("null"));
-    let id = match c.position {
-        Position::Binlog(b) => format!("{}:{}:{}", b.file_index, b.event_pos, b.row),
-        other => other.ordinal().to_string(),
-    };
+    if let Some(u) = c.meta.as_ref().and_then(|m| m.update.as_deref()) {
+        out.push_str(",\"update\":");
+        out.push_str(u);
+    }
+    out.push_str(",\"id\":");
+    match (&c.meta, c.position) {
+        (Some(m), _) => push_json_string(out, &m.id),
+        (None, Position::Binlog(b)) => {
+            let _ = write!(out, "\"{}:{}:{}\"", b.file_index, b.event_pos, b.row);
+        }
+        (None, other) => {
+            let _ = write!(out, "\"{}\"", other.ordinal());
+        }
+    }
     let _ = write!(
         out,
-        ",\"id\":\"{id}\",\"seq\":{},\"source\":\"{}\",\"timestamp\":{}.{:03},\"latency\":0}}",
+        ",\"seq\":{},\"source\":\"{}\",\"timestamp\":{}.{:03},\"latency\":0}}",
         c.seq,
         c.source,
         c.commit_ts_us.div_euclid(1000),
@@ -185,7 +235,9 @@ pub fn encode_batch(events: &[Event]) -> String {
         .iter()
         .map(|e| match e {
             Event::Change(c) => 128 + c.key.len() + c.data.as_ref().map_or(4, |d| d.len()),
-            Event::Resync { reason, .. } | Event::Mode { reason, .. } => 96 + reason.len(),
+            Event::Resync { reason, .. }
+            | Event::Mode { reason, .. }
+            | Event::Invalidate { reason, .. } => 96 + reason.len(),
             Event::Schema { columns, .. } => 96 + columns.len(),
         })
         .sum();
@@ -255,6 +307,26 @@ pub fn encode_batch(events: &[Event]) -> String {
                 push_json_string(&mut out, reason);
                 out.push('}');
             }
+            Event::Invalidate {
+                source,
+                table,
+                operation,
+                reason,
+            } => {
+                let _ = write!(
+                    out,
+                    "{{\"type\":\"invalidate\",\"source\":\"{source}\",\"table\":"
+                );
+                match table {
+                    Some(t) => push_json_string(&mut out, t),
+                    None => out.push_str("null"),
+                }
+                out.push_str(",\"operation\":");
+                push_json_string(&mut out, operation);
+                out.push_str(",\"reason\":");
+                push_json_string(&mut out, reason);
+                out.push('}');
+            }
         }
     }
     out.push(']');
@@ -296,6 +368,7 @@ mod tests {
             commit_ts_us: 1_700_000_000_123_456,
             table: None,
             before: None,
+            meta: None,
         }))
     }
 

@@ -178,6 +178,7 @@ mod tests {
             commit_ts_us: 0,
             table: None,
             before: None,
+            meta: None,
         }))
     }
 

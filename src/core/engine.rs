@@ -15,6 +15,7 @@ use crate::config::{Backend, Config};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::sink::BatchSink;
+use crate::source::mongo::MongoStoreThread;
 use crate::source::mysql::MysqlStoreThread;
 use crate::source::sqlite::StoreThread;
 use crate::source::{SourceStatus, StoreContext};
@@ -76,15 +77,6 @@ impl Engine {
     /// Validates the backend choice and sets up logging. Nothing is opened yet.
     pub fn new(config: Config) -> Result<Engine> {
         crate::logging::init(config.log_level.as_deref());
-        match &config.backend {
-            Backend::Sqlite(_) | Backend::Mysql(_) => {}
-            Backend::Mongodb(_) => {
-                return Err(Error::UnsupportedBackend(format!(
-                    "database '{}' is not available yet in this version; use the embedded default (omit `database`, or 'sqlite')",
-                    config.backend.name()
-                )))
-            }
-        }
         Ok(Engine {
             config,
             metrics: Arc::new(Metrics::new()),
@@ -162,8 +154,16 @@ impl Engine {
                 };
                 ("usp-mysql-store", Box::new(move || store.run()))
             }
-            Backend::Mongodb(_) => {
-                return Err(Error::Internal("unsupported backend reached init".into()))
+            Backend::Mongodb(server) => {
+                let status = Arc::new(SourceStatus::default());
+                status.set_mode("starting");
+                source = Some(status.clone());
+                let store = MongoStoreThread {
+                    server: server.clone(),
+                    ctx: store_ctx,
+                    status,
+                };
+                ("usp-mongodb-store", Box::new(move || store.run()))
             }
         };
         std::thread::Builder::new()

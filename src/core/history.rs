@@ -30,7 +30,9 @@ pub struct History {
 fn size_of(e: &Event) -> usize {
     match e {
         Event::Change(c) => 64 + c.key.len() + c.data.as_ref().map_or(0, |d| d.len()),
-        Event::Resync { reason, .. } | Event::Mode { reason, .. } => 64 + reason.len(),
+        Event::Resync { reason, .. }
+        | Event::Mode { reason, .. }
+        | Event::Invalidate { reason, .. } => 64 + reason.len(),
         Event::Schema { columns, .. } => 64 + columns.len(),
     }
 }

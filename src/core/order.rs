@@ -6,7 +6,7 @@ use lru::LruCache;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use crate::event::{Change, ChangeKind, Position};
+use crate::event::{Change, ChangeKind};
 
 /// Why a change was or was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,13 +42,14 @@ impl Sequencer {
     /// Decides whether `c` is new; on acceptance stamps its global `seq`.
     ///
     /// - Log positions (change log, binlog) only move forward: anything at or before the last
-    ///   admitted one is a replay. Polled rows have no such order (polls overlap) and skip this.
+    ///   admitted one is a replay. Polled rows (polls overlap) and change-stream events (whose
+    ///   resume is exact) skip this.
     /// - A `versioned` change is also dropped when its key already delivered this version or a
     ///   newer one (the same write seen by two paths, or across a binlog/polling switch).
     /// - An unversioned change (a SQL write that left `version` alone) is new by position
     ///   alone; an unversioned delete (SQL DELETE) forgets the key, whose versions restart.
     pub fn admit(&mut self, c: &mut Change) -> Admission {
-        let logged = !matches!(c.position, Position::Poll(_));
+        let logged = c.position.is_ordered_log();
         let pos = c.position.ordinal();
         if logged && matches!(self.last_position, Some(last) if pos <= last) {
             return Admission::DuplicatePosition;
@@ -94,7 +95,7 @@ impl Sequencer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{BinlogPosition, ChangeLogSeq, PollPosition};
+    use crate::event::{BinlogPosition, ChangeLogSeq, PollPosition, Position};
 
     fn ch(key: &str, version: u64, pos: u64) -> Change {
         Change {
@@ -109,6 +110,7 @@ mod tests {
             commit_ts_us: 0,
             table: None,
             before: None,
+            meta: None,
         }
     }
 

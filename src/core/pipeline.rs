@@ -33,6 +33,14 @@ pub enum SourceMsg<C> {
     Stop,
 }
 
+/// A source's resume position. A newer checkpoint usually replaces the older one; a source
+/// whose checkpoint has parts (one token per MongoDB change stream) merges them.
+pub trait Checkpoint: Clone + Send + 'static {
+    fn advance(&mut self, newer: Self) {
+        *self = newer;
+    }
+}
+
 /// A running pipeline thread.
 pub struct Pipeline<C> {
     tx: SyncSender<SourceMsg<C>>,
@@ -40,7 +48,7 @@ pub struct Pipeline<C> {
     delivered: Arc<Mutex<Option<C>>>,
 }
 
-impl<C: Clone + Send + 'static> Pipeline<C> {
+impl<C: Checkpoint> Pipeline<C> {
     /// Starts the thread. `source` names the source in the events it makes (resync);
     /// `capacity` bounds the messages waiting between source and pipeline.
     pub fn start(
@@ -89,7 +97,7 @@ impl<C: Clone + Send + 'static> Pipeline<C> {
     }
 }
 
-fn run<C: Clone>(
+fn run<C: Checkpoint>(
     source: &'static str,
     core: Arc<Core>,
     sink: Arc<dyn BatchSink>,
@@ -114,7 +122,7 @@ fn run<C: Clone>(
                 let events = core.ingest(changes);
                 batcher.push(events, Instant::now());
                 if let Some(c) = checkpoint {
-                    *delivered.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+                    advance(&delivered, c);
                 }
                 true
             }
@@ -131,7 +139,7 @@ fn run<C: Clone>(
                     Instant::now(),
                 );
                 if let Some(c) = checkpoint {
-                    *delivered.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+                    advance(&delivered, c);
                 }
                 true
             }
@@ -193,4 +201,12 @@ fn finish<C>(
         }
     }
     batcher.drain(Duration::from_secs(5));
+}
+
+fn advance<C: Checkpoint>(delivered: &Mutex<Option<C>>, c: C) {
+    let mut d = delivered.lock().unwrap_or_else(|p| p.into_inner());
+    match d.as_mut() {
+        Some(old) => old.advance(c),
+        None => *d = Some(c),
+    }
 }

@@ -1,9 +1,10 @@
 //! Sources turn database changes into `Change`s with their positions and feed the core. They
 //! never talk to JavaScript. The embedded SQLite source also serves the store operations
 //! (push/get/delete) on the same thread, so a write and its capture share one connection.
-//! Server sources (MySQL/MariaDB) serve the store operations on one thread and capture on
-//! another, feeding the core through a `Pipeline`.
+//! Server sources (MySQL/MariaDB, MongoDB) serve the store operations on one thread and capture
+//! on another, feeding the core through a `Pipeline`.
 
+pub mod mongo;
 pub mod mysql;
 pub mod sqlite;
 
@@ -11,11 +12,43 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::core::batcher::BatchOptions;
 use crate::core::Core;
 use crate::sink::BatchSink;
 use crate::store::{Completion, CompletionSink, Op};
+
+/// Which changes of a watched table are delivered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Operations {
+    pub insert: bool,
+    pub update: bool,
+    pub delete: bool,
+}
+
+impl Operations {
+    /// Whether changes of `kind` are delivered.
+    pub fn allows(&self, kind: crate::event::ChangeKind) -> bool {
+        use crate::event::ChangeKind::*;
+        match kind {
+            Insert => self.insert,
+            // A MongoDB replacement is an update of the whole document.
+            Update | Replace => self.update,
+            Delete => self.delete,
+        }
+    }
+}
+
+impl Default for Operations {
+    fn default() -> Self {
+        Operations {
+            insert: true,
+            update: true,
+            delete: true,
+        }
+    }
+}
 
 /// What every store thread gets from the engine, whatever the backend.
 pub struct StoreContext {
@@ -92,5 +125,46 @@ impl SourceStatus {
             "server": self.server.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "position": self.position.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         })
+    }
+}
+
+/// The delay before reconnect attempt `attempt` (1-based): exponential from `min`, capped at
+/// `max`, with jitter (between half and the full delay) so many clients do not retry in step.
+pub fn backoff_delay(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = min.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let cap = exp.min(max);
+    let jitter = (rand_u32() % 1000) as f64 / 1000.0;
+    cap.mul_f64(0.5 + 0.5 * jitter)
+}
+
+/// A pseudo-random number (jitter, default ids; no cryptographic need).
+pub fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_millis(5000));
+        for attempt in 1..=30 {
+            let d = backoff_delay(min, max, attempt);
+            let cap = (min * 2u32.pow(attempt.min(20) - 1)).min(max);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "attempt {attempt}: {d:?} vs cap {cap:?}"
+            );
+        }
     }
 }

@@ -694,6 +694,7 @@ impl Store {
                     commit_ts_us: ts,
                     table: None,
                     before: None,
+                    meta: None,
                 }
             })
             .collect();

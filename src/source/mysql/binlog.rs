@@ -173,12 +173,7 @@ impl BinlogCapture {
     /// Sleeps before reconnect attempt `attempt` (1-based): exponential, capped, with jitter
     /// (between half and the full delay), in steps so a stop is noticed quickly.
     fn backoff(&self, attempt: u32) {
-        let exp = self
-            .reconnect_min
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-        let cap = exp.min(self.reconnect_max);
-        let jitter = (super::rand_u32() % 1000) as f64 / 1000.0;
-        let delay = cap.mul_f64(0.5 + 0.5 * jitter);
+        let delay = crate::source::backoff_delay(self.reconnect_min, self.reconnect_max, attempt);
         let until = std::time::Instant::now() + delay;
         while !self.stop.load(Relaxed) && std::time::Instant::now() < until {
             std::thread::sleep(Duration::from_millis(10).min(delay));
@@ -585,6 +580,7 @@ fn kv_change(
         commit_ts_us: commit_us(cols, after, header_ts),
         table: None,
         before: None,
+        meta: None,
     })
 }
 
@@ -623,6 +619,7 @@ fn row_change(
             now_us()
         },
         table: Some(table.clone()),
+        meta: None,
         before: before.map(|(r, _)| r.into()),
     }
 }
@@ -653,6 +650,7 @@ fn kv_delete(
         } else {
             now_us()
         },
+        meta: None,
         table: None,
         before: None,
     })

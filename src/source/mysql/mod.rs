@@ -301,6 +301,8 @@ pub enum Resume {
     Poll { ts_us: i64 },
 }
 
+impl crate::core::pipeline::Checkpoint for Resume {}
+
 /// `file` value of a polling checkpoint row (no binlog file has this name).
 const POLL_MARK: &str = "@poll";
 /// `updated_at` in µs since the epoch; the engine's sessions run in UTC.
@@ -346,7 +348,7 @@ impl MysqlStoreThread {
             conn: None,
             sql: Sql::new(&server.table),
             core: core.clone(),
-            checkpoint_name: server.mysql.checkpoint_name.clone(),
+            checkpoint_name: server.capture.checkpoint_name.clone(),
             saved: None,
         };
         let started = match rt.block_on(store.start(&status)) {
@@ -383,7 +385,7 @@ impl MysqlStoreThread {
             (true, None) => Ok(()),
         };
         // Tables watched from the start: registered before capture reads anything.
-        for table in &server.mysql.watch {
+        for table in &server.capture.watch {
             match rt.block_on(store.watch_spec(table, Operations::default())) {
                 Ok(spec) => {
                     ctx.watches
@@ -394,7 +396,7 @@ impl MysqlStoreThread {
                 Err(e) => {
                     pipeline.stop();
                     return fail(
-                        Error::InvalidConfig(format!("options.mysql.watch: {e}")),
+                        Error::InvalidConfig(format!("options.capture.watch: {e}")),
                         rx,
                     );
                 }
@@ -448,12 +450,12 @@ impl MysqlStoreThread {
                     server.polling_interval_ms
                 );
                 status.set_mode("polling");
-                let unwatched = if server.mysql.watch.is_empty() {
+                let unwatched = if server.capture.watch.is_empty() {
                     String::new()
                 } else {
                     format!(
                         "; rows of the watched tables ({}) are NOT delivered while polling",
-                        server.mysql.watch.join(", ")
+                        server.capture.watch.join(", ")
                     )
                 };
                 let _ = pipeline.sender().send(SourceMsg::Notice(Event::Mode {
@@ -473,7 +475,7 @@ impl MysqlStoreThread {
         let mut shutdown = None;
         let mut last_save = Instant::now();
         let mut last_retry = Instant::now();
-        let retry_every = Duration::from_millis(server.mysql.fast_path_retry_ms);
+        let retry_every = Duration::from_millis(server.capture.fast_path_retry_ms);
         while shutdown.is_none() {
             match rx.recv_timeout(CHECKPOINT_EVERY.min(retry_every)) {
                 Ok(op) => {
@@ -625,12 +627,12 @@ impl CaptureContext<'_> {
     /// Starts binlog capture from `start` and waits until the stream is live.
     fn start_binlog(&self, start: Checkpoint) -> Result<()> {
         let (live_tx, live_rx) = std::sync::mpsc::sync_channel(1);
-        let m = &self.server.mysql;
+        let m = &self.server.capture;
         let capture = BinlogCapture {
             info: self.info.clone(),
             server_id: m
                 .server_id
-                .unwrap_or_else(|| 100_000 + rand_u32() % 2_000_000_000),
+                .unwrap_or_else(|| 100_000 + crate::source::rand_u32() % 2_000_000_000),
             heartbeat: Duration::from_millis(m.heartbeat_ms),
             reconnect_min: Duration::from_millis(m.reconnect_min_ms),
             reconnect_max: Duration::from_millis(m.reconnect_max_ms),
@@ -698,20 +700,6 @@ impl CaptureContext<'_> {
             handle,
         })
     }
-}
-
-/// A pseudo-random number for the default replication server id (no cryptographic need).
-fn rand_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.write_u32(std::process::id());
-    h.finish() as u32
 }
 
 impl Store {

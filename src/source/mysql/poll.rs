@@ -161,6 +161,7 @@ impl Poller {
                         commit_ts_us: ts_us,
                         table: None,
                         before: None,
+                        meta: None,
                     }
                 })
                 .collect();

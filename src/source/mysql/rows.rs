@@ -3,6 +3,7 @@
 //! client reads every integer as unsigned), decimals as strings, dates and times as ISO strings,
 //! JSON columns parsed, binary columns as base64.
 
+pub use crate::source::Operations;
 use base64::Engine as _;
 use mysql_async::prelude::*;
 use mysql_cdc::events::row_events::mysql_value::MySqlValue;
@@ -25,36 +26,6 @@ pub struct ColumnInfo {
     /// BINARY, VARBINARY or a BLOB type: delivered as base64.
     pub binary: bool,
     pub primary: bool,
-}
-
-/// Which changes of a watched table are delivered.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Operations {
-    pub insert: bool,
-    pub update: bool,
-    pub delete: bool,
-}
-
-impl Operations {
-    /// Whether changes of `kind` are delivered.
-    pub fn allows(&self, kind: crate::event::ChangeKind) -> bool {
-        use crate::event::ChangeKind::*;
-        match kind {
-            Insert => self.insert,
-            Update => self.update,
-            Delete => self.delete,
-        }
-    }
-}
-
-impl Default for Operations {
-    fn default() -> Self {
-        Operations {
-            insert: true,
-            update: true,
-            delete: true,
-        }
-    }
 }
 
 /// A table watched with `watch()`.
