@@ -5,15 +5,15 @@
 // in-memory Java FAKE of MongoDB 5.0 with change streams, not a real mongod. Its change-stream
 // reads (getMore) never wait for data: an empty batch comes back at once, so the Node driver's
 // watch() loop BUSY-LOOPS (back-to-back getMores: CPU in this process and in the server) and
-// ours sleeps 0.5..10 ms between empty answers. And every getMore scans and sorts the whole oplog,
+// ours sleeps 0.2..2 ms between empty answers. And every getMore scans and sorts the whole oplog,
 // which the fake never truncates. So these numbers describe the two clients against this fake on
 // this machine, not what either does against a real replica set; the ratios are the part to read.
 // See scripts/mongo-server/PROBE.md. (With MONGODB_URI set, startMongo() hands out that server
 // instead: then every run uses the same server, a fresh database per run, and the oplog is shared.)
 //
 // Every run (each mode of each section of each round) starts a NEW server (startMongo, a free
-// port on 127.0.0.1, about 0.5 s) and stops it at the end, so every mode reads an oplog of the
-// same size; every server is stopped on exit, also on failure and on SIGINT/SIGTERM. Peers:
+// port on 127.0.0.1, about 0.5 s, a cold JVM each time) and stops it at the end, so every mode
+// reads an oplog of the same size; every server is stopped on exit, also on failure and on SIGINT/SIGTERM. Peers:
 //   usp             ultimate-streaming, change streams (`database: 'mongodb'`, default options)
 //   watch()         the Node driver v6: client.db(db).collection('usp_kv').watch() with a 'change'
 //                   listener on the ChangeStream (it reads fullDocument._id/.version/.data.i)
@@ -123,6 +123,16 @@ function clientOptions() {
   return { serverSelectionTimeoutMS: 10_000, connectTimeoutMS: 10_000 };
 }
 
+/** Waits for `promise` at most `ms` (its timer cleared, so it never keeps the process alive). */
+async function within(promise, ms) {
+  let timer;
+  try {
+    return await Promise.race([promise, new Promise((resolve) => (timer = setTimeout(resolve, ms)))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Servers (one per run) and child processes: all stopped on exit, failure and signals
 
@@ -206,7 +216,7 @@ async function stopServer(entry) {
     }
   }
   try {
-    await Promise.race([entry.srv.stop(), sleep(8000)]);
+    await within(entry.srv.stop(), 8000);
   } finally {
     SERVERS.delete(entry);
     killPid(entry.pid); // no-op when it has exited
@@ -284,8 +294,8 @@ async function openWatch(entry, watchOptions, onDoc) {
   const t0 = nowMs();
   let cs = null;
   const close = async () => {
-    if (cs) await Promise.race([cs.close().catch(() => {}), sleep(5000)]);
-    await Promise.race([client.close().catch(() => {}), sleep(5000)]);
+    if (cs) await within(cs.close().catch(() => {}), 5000);
+    await within(client.close().catch(() => {}), 5000);
   };
   try {
     await client.connect();

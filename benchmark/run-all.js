@@ -16,6 +16,9 @@ const BENCHMARKS = [
   // Starts its own MariaDB and runs about 3 minutes (--budget=170 s), so it gets a longer bound;
   // stopped with SIGTERM, on which it stops its server before exiting (SIGKILL would leave it running).
   { name: 'mysql', file: path.join(__dirname, 'mysql.js'), timeoutMs: 240_000, killSignal: 'SIGTERM' },
+  // Starts a new mongo-java-server (a JVM) per run and runs about 1.5 minutes (--budget=150 s);
+  // SIGTERM for the same reason: it stops its servers and its writer process before exiting.
+  { name: 'mongodb', file: path.join(__dirname, 'mongodb.js'), timeoutMs: 240_000, killSignal: 'SIGTERM' },
 ];
 const CHILD_TIMEOUT_MS = 150_000; // a child that runs longer than this (or its own timeoutMs) is stopped and reported
 

@@ -651,14 +651,7 @@ fn parse_mysql(
         }
         s.database = s.database.take().or(u.database);
     }
-    match &s.database {
-        None => {
-            return Err(invalid(format!(
-                "the mysql backend needs a database: set `{conn_path}database` or put it in the URI path"
-            )))
-        }
-        Some(d) => validate_identifier(d, &format!("{conn_path}database"))?,
-    }
+    require_database(s, "mysql", conn_path)?;
     parse_capture(&mut s.capture, opts, "mysql", MYSQL_KEYS, opt_path)
 }
 
@@ -692,15 +685,18 @@ fn parse_mongodb(
             }
         }
     }
-    match &s.database {
-        None => {
-            return Err(invalid(format!(
-                "the mongodb backend needs a database: set `{conn_path}database` or put it in the URI path"
-            )))
-        }
-        Some(d) => validate_identifier(d, &format!("{conn_path}database"))?,
-    }
+    require_database(s, "mongodb", conn_path)?;
     parse_capture(&mut s.capture, opts, "mongodb", MONGODB_KEYS, opt_path)
+}
+
+/// A server backend's database name: present and a plain identifier.
+fn require_database(s: &ServerConfig, backend: &str, conn_path: &str) -> Result<()> {
+    match &s.database {
+        None => Err(invalid(format!(
+            "the {backend} backend needs a database: set `{conn_path}database` or put it in the URI path"
+        ))),
+        Some(d) => validate_identifier(d, &format!("{conn_path}database")),
+    }
 }
 
 /// `options.<backend>`: the capture settings.
@@ -1021,6 +1017,54 @@ mod tests {
         for bad in ["", "1a", "a-b", "a b", "a\"b", &"x".repeat(65)] {
             assert!(validate_identifier(bad, "t").is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn mongodb_uris_and_options() {
+        let parts = |u: &str| parse_mongodb_uri(u).map(|p| (p.host, p.port, p.database));
+        assert_eq!(
+            parts("mongodb://u:p%40w@h1:27018,h2:27019/shop?replicaSet=rs0").unwrap(),
+            (Some("h1".into()), Some(27018), Some("shop".into()))
+        );
+        assert_eq!(
+            parts("mongodb+srv://cluster0.example.net/app").unwrap(),
+            (
+                Some("cluster0.example.net".into()),
+                None,
+                Some("app".into())
+            )
+        );
+        assert_eq!(
+            parts("mongodb://[::1]:27017/?directConnection=true").unwrap(),
+            (Some("::1".into()), Some(27017), None)
+        );
+        assert!(parse_mongodb_uri("mysql://h/db").is_err());
+        assert!(parse_mongodb_uri("mongodb://h:port/db").is_err());
+        assert!(parse_mongodb_uri("mongodb:///db").is_err());
+        let c = Config::from_json(&json!({"database": "mongodb",
+            "connection": {"uri": "mongodb://127.0.0.1:27017/?replicaSet=rs0", "database": "shop"},
+            "options": {"table": "kv", "mongodb": {"watch": ["orders"], "checkpointName": "a"}}}))
+        .unwrap();
+        let Backend::Mongodb(s) = &c.backend else {
+            panic!("mongodb")
+        };
+        assert_eq!(s.database.as_deref(), Some("shop"));
+        assert_eq!(s.capture.watch, vec!["orders".to_string()]);
+        assert_eq!(s.capture.checkpoint_name, "a");
+        assert!(
+            err(json!({"database": "mongodb", "connection": {"uri": "mongodb://h/"}}))
+                .contains("needs a database")
+        );
+        assert!(err(
+            json!({"database": "mongodb", "connection": {"database": "d"},
+            "options": {"mongodb": {"serverId": 3}}})
+        )
+        .contains("serverId"));
+        assert!(err(
+            json!({"database": "mongodb", "connection": {"database": "d"},
+            "options": {"mysql": {}}})
+        )
+        .contains("only applies to the mysql backend"));
     }
 
     #[test]

@@ -68,6 +68,44 @@ pub struct StoreContext {
     pub write_batch_size: usize,
 }
 
+/// The calls waiting after `first`, up to `max` in all, without the wake-ups; the write queue's
+/// depth gauge is lowered by what was taken.
+pub fn take_batch(
+    first: Op,
+    rx: &Receiver<Op>,
+    max: usize,
+    metrics: &crate::metrics::Metrics,
+) -> Vec<Op> {
+    let mut ops = vec![first];
+    while ops.len() < max {
+        match rx.try_recv() {
+            Ok(op) => ops.push(op),
+            Err(_) => break,
+        }
+    }
+    ops.retain(|o| !matches!(o, Op::Wake));
+    metrics.write_queue_depth.fetch_sub(ops.len(), Relaxed);
+    ops
+}
+
+/// Settles the pending `init()` with `e` (the store could not start); later calls fail at once.
+pub fn fail_init(
+    backend: &str,
+    e: crate::error::Error,
+    rx: Receiver<Op>,
+    init_id: u32,
+    core: &Core,
+    completions: &dyn CompletionSink,
+) {
+    tracing::debug!(code = e.code(), "{backend} store failed to start: {e}");
+    drop(rx);
+    core.metrics.record_error(&e);
+    completions.complete(vec![Completion::Failed {
+        id: init_id,
+        error: e,
+    }]);
+}
+
 /// Refuses what is still queued after a close: every call is settled, never left hanging.
 pub fn refuse_queued(rx: Receiver<Op>, metrics: &crate::metrics::Metrics) -> Vec<Completion> {
     let mut refused = Vec::new();

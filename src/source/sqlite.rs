@@ -260,15 +260,7 @@ impl StoreThread {
                 }
             };
             if let Some(op) = first {
-                let mut ops = vec![op];
-                while ops.len() < write_batch_size {
-                    match rx.try_recv() {
-                        Ok(op) => ops.push(op),
-                        Err(_) => break,
-                    }
-                }
-                ops.retain(|o| !matches!(o, Op::Wake));
-                core.metrics.write_queue_depth.fetch_sub(ops.len(), Relaxed);
+                let ops = crate::source::take_batch(op, &rx, write_batch_size, &core.metrics);
                 if !ops.is_empty() {
                     shutdown = store.execute(ops);
                 }

@@ -277,13 +277,7 @@ impl MongoStoreThread {
             write_batch_size,
         } = ctx;
         let fail = |e: Error, rx: Receiver<Op>| {
-            tracing::debug!(code = e.code(), "mongodb store failed to start: {e}");
-            drop(rx);
-            core.metrics.record_error(&e);
-            completions.complete(vec![Completion::Failed {
-                id: init_id,
-                error: e,
-            }]);
+            crate::source::fail_init("mongodb", e, rx, init_id, &core, &*completions)
         };
         // The driver monitors the server and keeps its pool in background tasks: they need a
         // runtime that runs while the store thread waits for calls.
@@ -416,15 +410,7 @@ impl MongoStoreThread {
         while shutdown.is_none() {
             match rx.recv_timeout(CHECKPOINT_EVERY.min(retry_every)) {
                 Ok(op) => {
-                    let mut ops = vec![op];
-                    while ops.len() < write_batch_size {
-                        match rx.try_recv() {
-                            Ok(op) => ops.push(op),
-                            Err(_) => break,
-                        }
-                    }
-                    ops.retain(|o| !matches!(o, Op::Wake));
-                    core.metrics.write_queue_depth.fetch_sub(ops.len(), Relaxed);
+                    let ops = crate::source::take_batch(op, &rx, write_batch_size, &core.metrics);
                     let (watch_ops, ops): (Vec<Op>, Vec<Op>) =
                         ops.into_iter().partition(|o| matches!(o, Op::Watch { .. }));
                     let mut done = Vec::new();
@@ -1211,5 +1197,62 @@ fn fail_from(
             id: w.id,
             error: e.clone(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_get_codes_that_say_what_to_do() {
+        let e = command_error(18, "AuthenticationFailed", "bad auth", "connecting");
+        assert_eq!(e.code(), "USP_DB_ERROR");
+        assert!(e.to_string().contains("check user, password"));
+        assert_eq!(command_error(13, "", "no", "watch").code(), "USP_DB_ERROR");
+        assert_eq!(
+            command_error(112, "", "conflict", "writing").code(),
+            "USP_DB_BUSY"
+        );
+        let e = command_error(2, "BadValue", "nope", "writing");
+        assert_eq!(e.code(), "USP_DB_ERROR");
+        assert!(e.to_string().contains("2 BadValue: nope"));
+    }
+
+    #[test]
+    fn stream_checkpoints_merge_and_polling_replaces_them() {
+        let t = |s: &str| doc! { "_data": s };
+        let mut cp = Resume::Streams(BTreeMap::from([("kv".to_string(), t("1"))]));
+        cp.advance(Resume::Streams(BTreeMap::from([(
+            "orders".to_string(),
+            t("2"),
+        )])));
+        cp.advance(Resume::Streams(BTreeMap::from([(
+            "kv".to_string(),
+            t("3"),
+        )])));
+        assert_eq!(cp.token("kv"), Some(t("3")));
+        assert_eq!(cp.token("orders"), Some(t("2")));
+        cp.advance(Resume::Poll { ts_ms: 5 });
+        assert_eq!(cp, Resume::Poll { ts_ms: 5 });
+        assert_eq!(cp.token("kv"), None);
+    }
+
+    #[test]
+    fn values_are_checked_before_writing() {
+        let now = DateTime::from_millis(0);
+        assert!(matches!(
+            prepare("k", r#"{"a":1}"#, now),
+            Ok(Bson::Document(_))
+        ));
+        assert_eq!(
+            prepare("k", r#"{"$a":1}"#, now).unwrap_err().code(),
+            "USP_INVALID_VALUE"
+        );
+        let big = format!("\"{}\"", "x".repeat(MAX_BSON_BYTES));
+        assert_eq!(
+            prepare("k", &big, now).unwrap_err().code(),
+            "USP_VALUE_TOO_LARGE"
+        );
     }
 }

@@ -33,8 +33,8 @@ const OPEN_DEADLINE: Duration = Duration::from_secs(10);
 const BATCH: i32 = 1000;
 /// Pause after an empty answer from a server that does not hold requests open (test servers
 /// answer at once): grows while idle, so an idle stream costs little.
-const IDLE_MIN: Duration = Duration::from_micros(500);
-const IDLE_MAX: Duration = Duration::from_millis(10);
+const IDLE_MIN: Duration = Duration::from_micros(200);
+const IDLE_MAX: Duration = Duration::from_millis(2);
 
 /// Why a stream did not open for `init()` or `watch()`.
 pub enum LiveError {

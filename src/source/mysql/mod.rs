@@ -327,13 +327,7 @@ impl MysqlStoreThread {
             write_batch_size,
         } = ctx;
         let fail = |e: Error, rx: Receiver<Op>| {
-            tracing::debug!(code = e.code(), "mysql store failed to start: {e}");
-            drop(rx);
-            core.metrics.record_error(&e);
-            completions.complete(vec![Completion::Failed {
-                id: init_id,
-                error: e,
-            }]);
+            crate::source::fail_init("mysql", e, rx, init_id, &core, &*completions)
         };
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -479,15 +473,7 @@ impl MysqlStoreThread {
         while shutdown.is_none() {
             match rx.recv_timeout(CHECKPOINT_EVERY.min(retry_every)) {
                 Ok(op) => {
-                    let mut ops = vec![op];
-                    while ops.len() < write_batch_size {
-                        match rx.try_recv() {
-                            Ok(op) => ops.push(op),
-                            Err(_) => break,
-                        }
-                    }
-                    ops.retain(|o| !matches!(o, Op::Wake));
-                    core.metrics.write_queue_depth.fetch_sub(ops.len(), Relaxed);
+                    let ops = crate::source::take_batch(op, &rx, write_batch_size, &core.metrics);
                     let (watch_ops, ops): (Vec<Op>, Vec<Op>) =
                         ops.into_iter().partition(|o| matches!(o, Op::Watch { .. }));
                     let mut done = Vec::new();
