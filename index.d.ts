@@ -313,6 +313,48 @@ export interface StreamerStatus {
   history: { size: number; capacity: number; bytes: number; maxBytes: number; lastSeq: number };
   errors: { recoverable: number; fatal: number; listener: number; last: { code: string; message: string; at: number } | null };
   uptimeMs: number;
+  /** The WebSocket hub's counters once `listen()` was called, else null. */
+  hub: HubStatus | null;
+}
+
+/** Options of `listen()`: the native WebSocket hub. */
+export interface ListenOptions {
+  /** TCP port; 0 (default) picks a free one. */
+  port?: number;
+  /** Address to bind. Default '127.0.0.1'. */
+  host?: string;
+  /** Path of the WebSocket endpoint. Default '/stream'. */
+  path?: string;
+  /** Open connections at most; the next one is closed with 1013. Default: the streamer's `maxConnections`. */
+  maxConnections?: number;
+  /** Largest client frame in bytes; a larger one closes the connection with 1009. Default 65536. */
+  maxPayload?: number;
+  /** Ping interval in ms; a peer silent for two intervals is closed with 4000. Default 15000. */
+  heartbeat?: number;
+  /** Client messages allowed per interval; more close the connection with 4429. Default { messages: 100, interval: 1000 }. */
+  rateLimit?: { messages?: number; interval?: number };
+  /** Replay missed events to clients that subscribe with `since`. Default true. */
+  history?: boolean;
+  /** A client that falls `maxQueueBytes` behind (default 1 MiB): 'coalesce' (default: keep the latest event per key), 'drop' (drop and send a gap frame) or 'disconnect' (close with 4408). */
+  slowConsumer?: { policy?: 'coalesce' | 'drop' | 'disconnect'; maxQueueBytes?: number };
+}
+
+/** The hub's counters in `getStatus().hub`. */
+export interface HubStatus {
+  url: string;
+  connections: number;
+  connectionsTotal: number;
+  refused: number;
+  frames: number;
+  deliveries: number;
+  bytes: number;
+  coalesced: number;
+  dropped: number;
+  gaps: number;
+  slowDisconnects: number;
+  rateLimited: number;
+  badMessages: number;
+  queuedBytes: number;
 }
 
 /** Only changes whose key starts with `prefix` reach the listener. */
@@ -361,6 +403,12 @@ export declare class UltimateStreamer extends EventEmitter {
   watch(table: string, options: WatchOptions, listener?: (e: RowEvent) => void): Promise<void>;
   /** Mode, throughput, latency percentiles, cache, queues and errors. Never contains secrets. */
   getStatus(): StreamerStatus;
+  /**
+   * Starts the native WebSocket hub (after `init()`): `/stream` (WebSocket, protocol 1 in the
+   * README), `/health`, `/metrics` (Prometheus text). Resolves with its port and URL.
+   * @throws {UspError} USP_NOT_INITIALIZED, USP_INVALID_ARGUMENT (bad option, port in use, called twice)
+   */
+  listen(options?: ListenOptions): Promise<{ port: number; url: string }>;
   /** Finishes queued work, delivers what was committed, stops every thread; Node can then exit. */
   close(): Promise<void>;
 

@@ -243,6 +243,22 @@ class UltimateStreamer extends EventEmitter {
     }
   }
 
+  /**
+   * Starts the native WebSocket hub (after init()); resolves with { port, url }. `close()` stops
+   * it. Options: port (0 = a free one), host, path, maxConnections, maxPayload, heartbeat,
+   * rateLimit { messages, interval }, history, slowConsumer { policy, maxQueueBytes }.
+   */
+  listen(options = {}) {
+    try {
+      if (options === null || typeof options !== 'object' || Array.isArray(options)) {
+        throw new UspError('USP_INVALID_ARGUMENT', `listen(options): options must be an object like { port: 8080 }, got ${describe(options)}`);
+      }
+      return Promise.resolve(JSON.parse(this.#native.listen(JSON.stringify(options))));
+    } catch (e) {
+      return Promise.reject(fromNative(e));
+    }
+  }
+
   /** Stops capture and delivery after queued work is done; resolves when everything stopped. */
   close() {
     if (this.#closePromise) return this.#closePromise;

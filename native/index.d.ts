@@ -34,6 +34,8 @@ export declare class NativeStreamer {
   get(id: number, key: string): string | null
   /** Stops the engine. Returns true when already stopped; otherwise `id` is settled later. */
   close(id: number): boolean
+  /** Starts the WebSocket hub; returns `{"port":…,"url":…}`. */
+  listen(optionsJson: string): string
   /** The status snapshot as JSON. */
   status(): string
   /** Counts an exception thrown by a listener (the message is the error's message only). */

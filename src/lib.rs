@@ -7,6 +7,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod event;
+pub mod hub;
 pub mod logging;
 pub mod metrics;
 pub mod sink;

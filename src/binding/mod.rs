@@ -201,6 +201,18 @@ impl NativeStreamer {
         guard(&env, || self.engine.close(id))
     }
 
+    /// Starts the WebSocket hub; returns `{"port":…,"url":…}`.
+    #[napi]
+    pub fn listen(&self, env: Env, options_json: String) -> napi::Result<String> {
+        guard(&env, || {
+            let v: serde_json::Value = serde_json::from_str(&options_json).map_err(|e| {
+                crate::error::Error::InvalidArgument(format!("listen(): options are not JSON: {e}"))
+            })?;
+            let (port, url) = self.engine.listen(&v)?;
+            Ok(serde_json::json!({ "port": port, "url": url }).to_string())
+        })
+    }
+
     /// The status snapshot as JSON.
     #[napi]
     pub fn status(&self, env: Env) -> napi::Result<String> {

@@ -42,6 +42,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     // Held for a check and a channel send per call; never across database work.
     state: Mutex<State>,
+    /// The WebSocket hub, once `listen()` was called.
+    hub: Mutex<Option<crate::hub::Hub>>,
 }
 
 /// Result of a `get`: settled now from the cache, or pending (a completion will follow).
@@ -81,7 +83,32 @@ impl Engine {
             config,
             metrics: Arc::new(Metrics::new()),
             state: Mutex::new(State::Created),
+            hub: Mutex::new(None),
         })
+    }
+
+    /// Starts the WebSocket hub (`listen()`); returns its port and URL. Needs `init()` first.
+    pub fn listen(&self, options: &Value) -> Result<(u16, String)> {
+        let core = {
+            let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            match &*st {
+                State::Created => return Err(Error::NotInitialized("listen()")),
+                State::Closed => return Err(Error::Closed("listen()")),
+                State::Running(r) => r.core.clone(),
+            }
+        };
+        let mut hub = self.hub.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = &*hub {
+            return Err(Error::InvalidArgument(format!(
+                "listen(): the hub already listens on {}; call it once per streamer",
+                h.url
+            )));
+        }
+        let cfg = crate::hub::HubConfig::from_json(options, self.config.max_connections as usize)?;
+        let h = crate::hub::Hub::start(cfg, core)?;
+        let out = (h.port, h.url.clone());
+        *hub = Some(h);
+        Ok(out)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -307,6 +334,12 @@ impl Engine {
     /// Stops everything. Returns true when nothing was running (settled now); otherwise `id` is
     /// settled with `Closed` once queued work is done and delivery has drained.
     pub fn close(&self, id: u32) -> Result<bool> {
+        if let Some(h) = self.hub.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            // Clients get their close frames while JavaScript goes on.
+            let _ = std::thread::Builder::new()
+                .name("usp-hub-stop".into())
+                .spawn(move || h.stop());
+        }
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match std::mem::replace(&mut *st, State::Closed) {
             State::Created | State::Closed => Ok(true),
@@ -417,6 +450,7 @@ impl Engine {
                 "last": last,
             },
             "uptimeMs": m.started.elapsed().as_millis() as u64,
+            "hub": self.hub.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|h| h.status()),
         })
     }
 }

@@ -25,6 +25,8 @@ pub struct History {
     /// Bound on the bytes of keys and values held (values can be large).
     max_bytes: usize,
     bytes: usize,
+    /// The last seq pushed (held or not).
+    last: u64,
 }
 
 fn size_of(e: &Event) -> usize {
@@ -45,10 +47,17 @@ impl History {
             capacity,
             max_bytes,
             bytes: 0,
+            last: 0,
         }
     }
 
+    /// The last seq pushed, whether or not it is still held.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
     pub fn push(&mut self, seq: u64, e: Event) {
+        self.last = self.last.max(seq);
         let size = size_of(&e);
         if self.capacity == 0 || size > self.max_bytes {
             // Too big to keep: a replay across it reports a gap.

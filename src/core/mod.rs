@@ -9,13 +9,20 @@ pub mod order;
 pub mod pipeline;
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::event::{Change, Event};
 use crate::metrics::Metrics;
 use cache::{Cache, CacheEntry};
-use history::History;
+use history::{History, Replay};
 use order::{Admission, Sequencer};
+
+/// Receives every admitted change, in seq order, while the history lock is held (the WebSocket
+/// hub): a subscriber registered under that lock gets a replay up to some seq and every change
+/// after it live, with nothing missed or doubled in between. Must not block.
+pub trait Publisher: Send + Sync {
+    fn publish(&self, changes: &[Arc<Change>]);
+}
 
 /// Shared state between the source thread, the batcher and the API.
 pub struct Core {
@@ -25,6 +32,7 @@ pub struct Core {
     history: Mutex<History>,
     pub metrics: Arc<Metrics>,
     queue_size: usize,
+    publisher: RwLock<Option<Arc<dyn Publisher>>>,
 }
 
 impl Core {
@@ -42,7 +50,27 @@ impl Core {
             history: Mutex::new(History::new(history_size, history_max_bytes)),
             metrics,
             queue_size,
+            publisher: RwLock::new(None),
         }
+    }
+
+    /// Attaches (or detaches) the publisher that sees every admitted change.
+    pub fn set_publisher(&self, p: Option<Arc<dyn Publisher>>) {
+        *self.publisher.write().unwrap_or_else(|p| p.into_inner()) = p;
+    }
+
+    /// Runs `register(last)` under the history lock, where `last` is the last seq published,
+    /// and returns what the history holds after `since` (when given): a subscriber registered
+    /// in `register` then gets every change after `last` live.
+    pub fn subscribe_at<T>(
+        &self,
+        since: Option<u64>,
+        register: impl FnOnce(u64) -> T,
+    ) -> (T, Option<Replay>) {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let last = h.last();
+        let replay = since.map(|s| h.since(s, last));
+        (register(last), replay)
     }
 
     /// How many more events the delivery queue takes without blocking. A source reads at most
@@ -93,6 +121,9 @@ impl Core {
             let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
             for c in &admitted {
                 h.push(c.seq, Event::Change(c.clone()));
+            }
+            if let Some(p) = &*self.publisher.read().unwrap_or_else(|p| p.into_inner()) {
+                p.publish(&admitted);
             }
         }
         self.metrics.events_captured.fetch_add(n as u64, Relaxed);
