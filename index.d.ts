@@ -337,11 +337,32 @@ export interface ListenOptions {
   history?: boolean;
   /** A client that falls `maxQueueBytes` behind (default 1 MiB): 'coalesce' (default: keep the latest event per key), 'drop' (drop and send a gap frame) or 'disconnect' (close with 4408). */
   slowConsumer?: { policy?: 'coalesce' | 'drop' | 'disconnect'; maxQueueBytes?: number };
+  /**
+   * JWT authentication: clients connect with `?token=<JWT>` or send `{ type: 'auth', token }`
+   * first (and again to refresh). `exp` is required and enforced while connected (close 4401);
+   * the `channelsClaim` claim (default 'channels') lists the channel patterns a client may
+   * subscribe to (others: close 4403).
+   */
+  auth?: {
+    /** HS256 shared secret, at least 32 characters. */
+    secret?: string;
+    /** RS256 public key (PEM). */
+    publicKey?: string;
+    issuer?: string;
+    audience?: string;
+    channelsClaim?: string;
+    /** Clock leeway for `exp`, seconds (0..300). Default 0. */
+    leeway?: number;
+  };
+  /** Allowed `Origin` headers (e.g. ['https://app.example.com']); other origins get HTTP 403. Default: any. */
+  origins?: string[];
 }
 
 /** The hub's counters in `getStatus().hub`. */
 export interface HubStatus {
   url: string;
+  /** JWT authentication is on. */
+  auth: boolean;
   connections: number;
   connectionsTotal: number;
   refused: number;

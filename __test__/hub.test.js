@@ -306,3 +306,94 @@ test('close() closes every client with 1001', async () => {
   await s.close();
   expect((await c.whenClosed).code).toBe(1001);
 });
+
+describe('JWT auth and origins', () => {
+  const crypto = require('node:crypto');
+  const SECRET = 'a-test-secret-of-at-least-32-chars!!';
+  const b64 = (x) => Buffer.from(typeof x === 'string' ? x : JSON.stringify(x)).toString('base64url');
+  const now = () => Math.floor(Date.now() / 1000);
+  function hs256(claims, secret = SECRET) {
+    const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
+    return `${head}.${crypto.createHmac('sha256', secret).update(head).digest('base64url')}`;
+  }
+  function rs256(claims, privateKey) {
+    const head = `${b64({ alg: 'RS256', typ: 'JWT' })}.${b64(claims)}`;
+    return `${head}.${crypto.sign('sha256', Buffer.from(head), privateKey).toString('base64url')}`;
+  }
+
+  test('HS256: no token, a bad one or an expired one is refused with 4401; channels outside the claim with 4403', async () => {
+    const { s, hub } = await start({}, { auth: { secret: SECRET } });
+    expect(s.getStatus().hub.auth).toBe(true);
+    expect(JSON.stringify(s.getStatus())).not.toContain(SECRET);
+    const anonymous = client(hub.url);
+    await anonymous.opened;
+    anonymous.send({ type: 'subscribe', channels: ['kv:*'] });
+    expect((await anonymous.whenClosed).code).toBe(4401);
+    for (const bad of [hs256({ exp: now() + 60, channels: ['kv:*'] }, 'another-secret-another-secret-xxxxx'), hs256({ exp: now() - 5, channels: ['kv:*'] }), 'garbage']) {
+      const c = client(`${hub.url}?token=${encodeURIComponent(bad)}`);
+      const closed = await c.whenClosed;
+      expect(closed.code).toBe(4401);
+      expect(c.frames[0]).toMatchObject({ type: 'error', code: 'UNAUTHENTICATED' });
+    }
+    const ok = client(`${hub.url}?token=${hs256({ exp: now() + 60, channels: ['kv:price:*'] })}`);
+    await ok.opened;
+    ok.send({ type: 'subscribe', channels: ['kv:price:BTC'] });
+    await ok.next('subscribed');
+    await s.push('price:BTC', 1);
+    await waitFor(() => ok.events().length === 1, 'an event on a granted channel');
+    ok.send({ type: 'subscribe', channels: ['kv:user:1'] });
+    const closed = await ok.whenClosed;
+    expect(closed.code).toBe(4403);
+    expect(ok.frames.find((f) => f.type === 'error').message).toContain('kv:user:1');
+  });
+
+  test('exp is enforced on open connections; a refreshed token keeps the connection', async () => {
+    const { hub } = await start({}, { auth: { secret: SECRET } });
+    const short = client(hub.url);
+    await short.opened;
+    short.send({ type: 'auth', token: hs256({ exp: now() + 2, channels: ['kv:*'] }), id: 1 });
+    expect(await short.next('authenticated')).toMatchObject({ id: 1 });
+    const refreshed = client(`${hub.url}?token=${hs256({ exp: now() + 2, channels: ['kv:*'] })}`);
+    await refreshed.opened;
+    await refreshed.first('welcome');
+    refreshed.send({ type: 'auth', token: hs256({ exp: now() + 60, channels: ['kv:*'] }), id: 2 });
+    await refreshed.next('authenticated');
+    const closed = await short.whenClosed;
+    expect(closed.code).toBe(4401);
+    expect(refreshed.closed).toBeNull();
+    refreshed.send({ type: 'ping' });
+    expect(await refreshed.next('pong')).toBeTruthy();
+  });
+
+  test('RS256 tokens with a public key', async () => {
+    const { publicKey, privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+    const pem = publicKey.export({ type: 'spki', format: 'pem' });
+    const { s, hub } = await start({}, { auth: { publicKey: pem } });
+    const c = client(`${hub.url}?token=${rs256({ exp: now() + 60, channels: ['table:*', 'kv:a'] }, privateKey)}`);
+    await c.opened;
+    c.send({ type: 'subscribe', channels: ['kv:a'] });
+    await c.next('subscribed');
+    await s.push('a', 'x');
+    await waitFor(() => c.events().length === 1, 'event');
+    // An HS256 token is not accepted by an RS256-only hub.
+    const hs = client(`${hub.url}?token=${hs256({ exp: now() + 60, channels: ['kv:a'] })}`);
+    expect((await hs.whenClosed).code).toBe(4401);
+  });
+
+  test('origins: another Origin gets HTTP 403 before any upgrade', async () => {
+    const { hub } = await start({}, { origins: ['http://app.example'] });
+    const evil = new WebSocket(hub.url, { origin: 'http://evil.example' });
+    sockets.push(evil);
+    const status = await new Promise((resolve) => {
+      evil.on('unexpected-response', (req, res) => resolve(res.statusCode));
+      evil.on('error', () => {});
+    });
+    expect(status).toBe(403);
+    const good = new WebSocket(hub.url, { origin: 'http://app.example' });
+    sockets.push(good);
+    await new Promise((resolve, reject) => {
+      good.once('open', resolve);
+      good.once('error', reject);
+    });
+  });
+});

@@ -6,6 +6,7 @@
 //! missed from the history ring, or told exactly what cannot be (`gap`). See `protocol` for the
 //! messages and close codes.
 
+pub mod auth;
 pub mod outbox;
 pub mod protocol;
 mod server;
@@ -23,7 +24,7 @@ use outbox::{Item, Outbox, Policy};
 use protocol::Subscriptions;
 
 /// `listen()` options, validated.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct HubConfig {
     pub host: String,
     pub port: u16,
@@ -41,6 +42,10 @@ pub struct HubConfig {
     pub dashboard: bool,
     pub policy: Policy,
     pub max_queue_bytes: usize,
+    /// JWT checks; `None`: no authentication.
+    pub auth: Option<auth::Auth>,
+    /// Allowed `Origin` headers; `None`: any (and requests without one).
+    pub origins: Option<Vec<String>>,
 }
 
 const LISTEN_KEYS: &[&str] = &[
@@ -54,6 +59,8 @@ const LISTEN_KEYS: &[&str] = &[
     "history",
     "dashboard",
     "slowConsumer",
+    "auth",
+    "origins",
 ];
 
 fn invalid(msg: String) -> Error {
@@ -99,12 +106,6 @@ impl HubConfig {
             ));
         }
         for k in o.keys() {
-            if k == "auth" {
-                return Err(Error::UnsupportedBackend(
-                    "listen(): `auth` (JWT) is not available in this version yet; leave it out and keep the hub on a private network"
-                        .into(),
-                ));
-            }
             if !LISTEN_KEYS.contains(&k.as_str()) {
                 return Err(invalid(format!(
                     "unknown option `{k}`; allowed: {}",
@@ -178,7 +179,25 @@ impl HubConfig {
                 )))
             }
         };
+        let auth = match o.get("auth") {
+            None | Some(Value::Null) => None,
+            Some(a) => Some(auth::Auth::from_json(a)?),
+        };
+        let origins = match o.get("origins") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) if a.iter().all(Value::is_string) && !a.is_empty() => Some(
+                a.iter()
+                    .filter_map(|x| x.as_str().map(|s| s.trim_end_matches('/').to_string()))
+                    .collect(),
+            ),
+            Some(_) => return Err(invalid(
+                "`origins` must be a non-empty array of origins like ['https://app.example.com']"
+                    .into(),
+            )),
+        };
         Ok(HubConfig {
+            auth,
+            origins,
             host: str_opt("host")?.unwrap_or_else(|| "127.0.0.1".into()),
             port: int(o, "port", 0, 65_535)?.unwrap_or(0) as u16,
             path,
@@ -414,6 +433,7 @@ impl Hub {
         let m = &self.shared.metrics;
         serde_json::json!({
             "url": self.url,
+            "auth": self.shared.config.auth.is_some(),
             "connections": m.connections.load(Relaxed),
             "connectionsTotal": m.connections_total.load(Relaxed),
             "refused": m.refused.load(Relaxed),
@@ -475,7 +495,15 @@ mod tests {
             HubConfig::from_json(&json!({"auth": {}}), 10)
                 .unwrap_err()
                 .code(),
-            "USP_UNSUPPORTED_BACKEND"
+            "USP_INVALID_ARGUMENT"
         );
+        assert_eq!(
+            HubConfig::from_json(&json!({"origins": []}), 10)
+                .unwrap_err()
+                .code(),
+            "USP_INVALID_ARGUMENT"
+        );
+        let c = HubConfig::from_json(&json!({"origins": ["https://a.example/"]}), 10).unwrap();
+        assert_eq!(c.origins, Some(vec!["https://a.example".to_string()]));
     }
 }

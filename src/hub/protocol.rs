@@ -7,12 +7,15 @@
 //!   the history ring first (or a `gap` frame says which could not be), then live events follow.
 //! - `{"type":"unsubscribe","channels":[…],"id":2}`
 //! - `{"type":"ping","id":3}`
+//! - `{"type":"auth","token":"<JWT>","id":4}` — authenticates (when the token was not in the
+//!   URL's `token` parameter) or refreshes the token of an open connection.
 //!
 //! Server → client:
 //! - `{"type":"welcome","protocol":1,"seq":N,"heartbeat":ms}` on connect;
 //! - `{"type":"subscribed","id":1,"channels":[…],"seq":N}` once the channels are live (`seq`: the
 //!   last event before live delivery starts);
-//! - `{"type":"unsubscribed","id":2,"channels":[…]}`, `{"type":"pong","id":3}`;
+//! - `{"type":"unsubscribed","id":2,"channels":[…]}`, `{"type":"pong","id":3}`,
+//!   `{"type":"authenticated","id":4,"exp":…}`;
 //! - `{"type":"events","events":[…]}` — a batch of change events, each with its global `seq`;
 //! - `{"type":"gap","from":a,"to":b,"reason":…}` — events `a..=b` cannot be delivered (history
 //!   exceeded, or dropped for a slow client); the client should reload its state;
@@ -40,6 +43,10 @@ pub mod close {
     pub const RATE_LIMITED: u16 = 4429;
     /// No pong within the heartbeat window.
     pub const DEAD_PEER: u16 = 4000;
+    /// No valid token: missing, malformed, badly signed, or expired (also while connected).
+    pub const UNAUTHENTICATED: u16 = 4401;
+    /// A channel the token does not grant.
+    pub const FORBIDDEN: u16 = 4403;
 }
 
 /// One subscription channel.
@@ -123,6 +130,14 @@ impl Subscriptions {
         self.keys.is_empty() && self.prefixes.is_empty() && self.tables.is_empty()
     }
 
+    /// Every channel held.
+    pub fn channels(&self) -> Vec<Channel> {
+        let mut out: Vec<Channel> = self.keys.iter().cloned().map(Channel::Key).collect();
+        out.extend(self.prefixes.iter().cloned().map(Channel::Prefix));
+        out.extend(self.tables.iter().cloned().map(Channel::Table));
+        out
+    }
+
     /// Whether a change goes to this connection.
     pub fn matches(&self, c: &Change) -> bool {
         match &c.table {
@@ -148,6 +163,10 @@ pub enum ClientMsg {
     },
     Ping {
         id: Option<Value>,
+    },
+    Auth {
+        id: Option<Value>,
+        token: String,
     },
 }
 
@@ -191,8 +210,15 @@ pub fn parse(text: &str) -> Result<ClientMsg, String> {
             channels: channels()?,
         }),
         Some("ping") => Ok(ClientMsg::Ping { id }),
+        Some("auth") => match o.get("token").and_then(Value::as_str) {
+            Some(t) if !t.is_empty() && t.len() <= 16 * 1024 => Ok(ClientMsg::Auth {
+                id,
+                token: t.to_string(),
+            }),
+            _ => Err("`auth` needs a `token` (a JWT string)".into()),
+        },
         Some(other) => Err(format!(
-            "unknown message type {other:?}: use subscribe, unsubscribe or ping"
+            "unknown message type {other:?}: use subscribe, unsubscribe, ping or auth"
         )),
         None => Err("a message needs a `type`".into()),
     }
@@ -233,6 +259,13 @@ pub fn unsubscribed(id: &Option<Value>, channels: &[Channel]) -> String {
         "{{\"type\":\"unsubscribed\",\"id\":{},\"channels\":{}}}",
         id_json(id),
         channel_list(channels)
+    )
+}
+
+pub fn authenticated(id: &Option<Value>, exp: u64) -> String {
+    format!(
+        "{{\"type\":\"authenticated\",\"id\":{},\"exp\":{exp}}}",
+        id_json(id)
     )
 }
 
@@ -364,6 +397,7 @@ mod tests {
             subscribed(&Some(Value::from(1)), &[Channel::Prefix("p".into())], 9),
             unsubscribed(&None, &[Channel::Table("t".into())]),
             pong(&None),
+            authenticated(&Some(Value::from(4)), 99),
             gap(1, 4, "history"),
             error("E", "bad \"x\""),
         ] {

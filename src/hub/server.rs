@@ -4,7 +4,7 @@
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::auth::Grant;
 use super::protocol::{self, close, Channel, ClientMsg, Subscriptions};
 use super::{Conn, Shared};
 use crate::core::history::Replay;
@@ -38,7 +39,54 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> Response {
+/// The `token` query parameter, percent-decoded.
+fn query_token(uri: &Uri) -> Option<String> {
+    let q = uri.query()?;
+    let raw = q.split('&').find_map(|kv| kv.strip_prefix("token="))?;
+    let mut out = Vec::with_capacity(raw.len());
+    let b = raw.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 3 <= b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok().filter(|t| !t.is_empty())
+}
+
+async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    if let Some(allowed) = &shared.config.origins {
+        let origin = headers
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .map(|o| o.trim_end_matches('/'));
+        if !origin.is_some_and(|o| allowed.iter().any(|a| a == o)) {
+            shared.metrics.refused.fetch_add(1, Relaxed);
+            return (
+                StatusCode::FORBIDDEN,
+                "this Origin is not in the hub's origins list",
+            )
+                .into_response();
+        }
+    }
+    let token = query_token(&uri);
     let max = shared.config.max_payload;
     let ws = ws.max_message_size(max).max_frame_size(max);
     let n = shared.metrics.connections.fetch_add(1, Relaxed) + 1;
@@ -54,7 +102,7 @@ async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> Res
             .await;
         } else {
             shared.metrics.connections_total.fetch_add(1, Relaxed);
-            connection(socket, &shared).await;
+            connection(socket, &shared, token).await;
         }
         shared.metrics.connections.fetch_sub(1, Relaxed);
     })
@@ -80,6 +128,8 @@ fn code_name(code: u16) -> &'static str {
         close::SLOW_CONSUMER => "SLOW_CONSUMER",
         close::RATE_LIMITED => "RATE_LIMITED",
         close::DEAD_PEER => "NO_PONG",
+        close::UNAUTHENTICATED => "UNAUTHENTICATED",
+        close::FORBIDDEN => "FORBIDDEN",
         _ => "GOING_AWAY",
     }
 }
@@ -118,11 +168,33 @@ impl Bucket {
     }
 }
 
-async fn connection(socket: WebSocket, shared: &Arc<Shared>) {
-    let conn = shared.register();
-    let (mut tx, mut rx) = socket.split();
+/// When a grant's token expires, as a tokio instant.
+fn expiry(g: &Grant) -> tokio::time::Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    tokio::time::Instant::now() + Duration::from_secs(g.exp.saturating_sub(now))
+}
+
+async fn connection(socket: WebSocket, shared: &Arc<Shared>, token: Option<String>) {
     let cfg = &shared.config;
     let m = &shared.metrics;
+    // With auth, a token in the URL is checked before anything else; without one the first
+    // message must be `auth`.
+    let mut grant: Option<Grant> = None;
+    if let (Some(auth), Some(t)) = (&cfg.auth, &token) {
+        match auth.verify(t) {
+            Ok(g) => grant = Some(g),
+            Err(why) => {
+                shared.metrics.refused.fetch_add(1, Relaxed);
+                refuse(socket, close::UNAUTHENTICATED, &why).await;
+                return;
+            }
+        }
+    }
+    let conn = shared.register();
+    let (mut tx, mut rx) = socket.split();
     let (last, _) = shared.core.subscribe_at(None, |last| last);
     let hello = protocol::welcome(last, cfg.heartbeat.as_millis() as u64);
     let mut ended: Option<(u16, String)> = None;
@@ -145,7 +217,11 @@ async fn connection(socket: WebSocket, shared: &Arc<Shared>) {
                     ),
                 ));
             }
+            let expires = grant.as_ref().map(expiry);
             tokio::select! {
+                _ = async { match expires { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                    break Some((close::UNAUTHENTICATED, "the token expired; reconnect with a new one, or send { type: 'auth' } before it expires".into()));
+                }
                 msg = rx.next() => match msg {
                     None | Some(Ok(Message::Close(_))) => break None,
                     Some(Err(e)) => {
@@ -174,11 +250,14 @@ async fn connection(socket: WebSocket, shared: &Arc<Shared>) {
                                 m.bad_messages.fetch_add(1, Relaxed);
                                 break Some((close::BAD_MESSAGE, why));
                             }
-                            Ok(msg) => {
-                                if handle(msg, &conn, shared, &mut tx).await.is_err() {
-                                    break None;
+                            Ok(msg) => match authorize(&msg, &mut grant, &conn, shared) {
+                                Err(refusal) => break Some(refusal),
+                                Ok(()) => {
+                                    if handle(msg, &conn, shared, &mut tx, grant.as_ref()).await.is_err() {
+                                        break None;
+                                    }
                                 }
-                            }
+                            },
                         }
                     }
                 },
@@ -221,8 +300,69 @@ async fn send(tx: &mut Tx, shared: &Shared, text: String) -> Result<(), ()> {
     tx.send(Message::Text(text.into())).await.map_err(|_| ())
 }
 
-async fn handle(msg: ClientMsg, conn: &Conn, shared: &Shared, tx: &mut Tx) -> Result<(), ()> {
+/// Applies authentication to a client message: `auth` sets or refreshes the grant; anything
+/// else needs a grant (when auth is on) covering its channels.
+fn authorize(
+    msg: &ClientMsg,
+    grant: &mut Option<Grant>,
+    conn: &Conn,
+    shared: &Shared,
+) -> Result<(), (u16, String)> {
+    let Some(auth) = &shared.config.auth else {
+        return match msg {
+            ClientMsg::Auth { .. } => Err((
+                close::BAD_MESSAGE,
+                "this hub has no authentication; do not send `auth`".into(),
+            )),
+            _ => Ok(()),
+        };
+    };
     match msg {
+        ClientMsg::Auth { token, .. } => {
+            let g = auth
+                .verify(token)
+                .map_err(|why| (close::UNAUTHENTICATED, why))?;
+            // A refreshed token must still cover what the connection has.
+            let subs = conn.subs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(c) = subs.channels().iter().find(|c| !g.allows(c)) {
+                return Err((
+                    close::FORBIDDEN,
+                    format!("the new token does not grant channel {}", c.name()),
+                ));
+            }
+            *grant = Some(g);
+            Ok(())
+        }
+        _ if grant.is_none() => Err((
+            close::UNAUTHENTICATED,
+            "authenticate first: connect with ?token=<JWT> or send { type: 'auth', token }".into(),
+        )),
+        ClientMsg::Subscribe { channels, .. } => {
+            let g = grant.as_ref().expect("checked above");
+            match channels.iter().find(|c| !g.allows(c)) {
+                Some(c) => Err((
+                    close::FORBIDDEN,
+                    format!("the token does not grant channel {}", c.name()),
+                )),
+                None => Ok(()),
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn handle(
+    msg: ClientMsg,
+    conn: &Conn,
+    shared: &Shared,
+    tx: &mut Tx,
+    grant: Option<&Grant>,
+) -> Result<(), ()> {
+    match msg {
+        ClientMsg::Auth { id, .. } => {
+            let exp = grant.map_or(0, |g| g.exp);
+            send(tx, shared, protocol::authenticated(&id, exp)).await
+        }
         ClientMsg::Ping { id } => send(tx, shared, protocol::pong(&id)).await,
         ClientMsg::Unsubscribe { id, channels } => {
             {
