@@ -1,5 +1,5 @@
 'use strict';
-// JavaScript lint: the recommended rules, Node globals, and browser globals for nothing yet.
+// JavaScript lint: the recommended rules, Node globals, and browser globals for the browser client.
 const js = require('@eslint/js');
 const globals = require('globals');
 
@@ -14,6 +14,10 @@ module.exports = [
   {
     files: ['**/*.mjs'],
     languageOptions: { ecmaVersion: 2023, sourceType: 'module', globals: { ...globals.node } },
+  },
+  {
+    files: ['client/**/*.mjs'],
+    languageOptions: { globals: { ...globals.browser } },
   },
   {
     files: ['__test__/**/*.js'],

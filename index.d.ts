@@ -335,6 +335,8 @@ export interface ListenOptions {
   rateLimit?: { messages?: number; interval?: number };
   /** Replay missed events to clients that subscribe with `since`. Default true. */
   history?: boolean;
+  /** Serve the live dashboard at `/` (feed, events/s, latency p50/p99, clients, mode). Default false. */
+  dashboard?: boolean;
   /** A client that falls `maxQueueBytes` behind (default 1 MiB): 'coalesce' (default: keep the latest event per key), 'drop' (drop and send a gap frame) or 'disconnect' (close with 4408). */
   slowConsumer?: { policy?: 'coalesce' | 'drop' | 'disconnect'; maxQueueBytes?: number };
   /**
@@ -426,7 +428,8 @@ export declare class UltimateStreamer extends EventEmitter {
   getStatus(): StreamerStatus;
   /**
    * Starts the native WebSocket hub (after `init()`): `/stream` (WebSocket, protocol 1 in the
-   * README), `/health`, `/metrics` (Prometheus text). Resolves with its port and URL.
+   * README), `/health`, `/metrics` (Prometheus text), `/status` (JSON for the dashboard) and,
+   * with `dashboard: true`, the dashboard at `/`. Resolves with its port and URL.
    * @throws {UspError} USP_NOT_INITIALIZED, USP_INVALID_ARGUMENT (bad option, port in use, called twice)
    */
   listen(options?: ListenOptions): Promise<{ port: number; url: string }>;

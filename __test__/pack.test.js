@@ -12,7 +12,7 @@ test('npm pack produces a tarball that installs into a fresh app and works there
   const out = tmpDir('usp-pack-');
   const packed = JSON.parse(execFileSync(NPM, ['pack', '--json', '--pack-destination', out], { cwd: ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }));
   const files = packed[0].files.map((f) => f.path);
-  for (const f of ['index.js', 'index.mjs', 'index.d.ts', 'lib/streamer.js', 'lib/errors.js', 'native/index.js', 'package.json', 'README.md']) {
+  for (const f of ['index.js', 'index.mjs', 'index.d.ts', 'lib/streamer.js', 'lib/errors.js', 'client/index.mjs', 'client/index.d.ts', 'native/index.js', 'package.json', 'README.md']) {
     expect(files).toContain(f);
   }
   expect(files.some((f) => /^native\/.*\.node$/.test(f))).toBe(true);
@@ -50,11 +50,12 @@ test('npm pack produces a tarball that installs into a fresh app and works there
   fs.writeFileSync(
     path.join(app, 'app.mjs'),
     `import UltimateStreamer, { UltimateStreamer as Named, ERROR_CODES } from 'ultimate-streaming';
+     import { connect } from 'ultimate-streaming/client';
      const s = new Named({ connection: { path: ':memory:' } });
      await s.init();
      const r = await s.push('k', 1);
      await s.close();
-     console.log(JSON.stringify({ same: UltimateStreamer === Named, r, codes: Object.keys(ERROR_CODES).length }));`,
+     console.log(JSON.stringify({ same: UltimateStreamer === Named, r, codes: Object.keys(ERROR_CODES).length, client: typeof connect }));`,
   );
   const esm = await runNode(['app.mjs'], { cwd: app });
   expect(esm.code).toBe(0);
@@ -62,4 +63,6 @@ test('npm pack produces a tarball that installs into a fresh app and works there
   expect(parsed.same).toBe(true);
   expect(parsed.r).toEqual({ key: 'k', version: 1 });
   expect(parsed.codes).toBeGreaterThan(10);
+  // The browser client ships in the package under its own entry point.
+  expect(parsed.client).toBe('function');
 }, 180_000);

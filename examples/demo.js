@@ -3,7 +3,10 @@
 // pushes price ticks into a SQLite file; this process listens, prints a sample of the changes
 // and, every second, a status line with throughput and commit→listener latency.
 //
-//   node examples/demo.js [--seconds 20] [--rate 500] [--db ./demo.db]
+// The same changes go to browsers through the native WebSocket hub: open the dashboard URL it
+// prints to watch them live.
+//
+//   node examples/demo.js [--seconds 20] [--rate 500] [--db ./demo.db] [--port 8080]
 const { fork } = require('node:child_process');
 const fs = require('node:fs');
 const path = require('node:path');
@@ -66,14 +69,19 @@ if (process.argv[2] === '--writer') {
   });
   streamer.on('error', (err) => console.error('listener error:', err.message));
   await streamer.init();
+  // Port 8080 unless it is taken: then any free one.
+  const hub = await streamer
+    .listen({ port: Number(arg('port', 8080)), dashboard: true })
+    .catch(() => streamer.listen({ port: 0, dashboard: true }));
   console.log(`ultimate-streaming demo: embedded SQLite at ${file}`);
+  console.log(`dashboard: http://127.0.0.1:${hub.port}/   (WebSocket stream: ${hub.url})`);
   console.log(`a writer process pushes ~${rate} changes/s for ${seconds} s; this process listens.\n`);
 
   const writer = fork(__filename, ['--writer', file, String(rate), String(seconds)], { stdio: 'inherit' });
   const statusTimer = setInterval(() => {
     const st = streamer.getStatus();
     console.log(
-      `[status] mode=${st.mode} events/s=${st.events.perSecond} total=${st.events.emitted} ` +
+      `[status] mode=${st.mode} events/s=${st.events.perSecond} total=${st.events.emitted} hub clients=${st.hub.connections} ` +
         `latency p50=${st.latency.p50.toFixed(3)}ms p99=${st.latency.p99.toFixed(3)}ms max=${st.latency.max.toFixed(3)}ms ` +
         `batches=${st.events.batches} cache hit=${(st.cache.hitRatio * 100).toFixed(0)}% errors=${st.errors.fatal + st.errors.recoverable}`,
     );

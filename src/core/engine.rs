@@ -89,12 +89,12 @@ impl Engine {
 
     /// Starts the WebSocket hub (`listen()`); returns its port and URL. Needs `init()` first.
     pub fn listen(&self, options: &Value) -> Result<(u16, String)> {
-        let core = {
+        let (core, source) = {
             let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             match &*st {
                 State::Created => return Err(Error::NotInitialized("listen()")),
                 State::Closed => return Err(Error::Closed("listen()")),
-                State::Running(r) => r.core.clone(),
+                State::Running(r) => (r.core.clone(), r.source.clone()),
             }
         };
         let mut hub = self.hub.lock().unwrap_or_else(|p| p.into_inner());
@@ -105,7 +105,19 @@ impl Engine {
             )));
         }
         let cfg = crate::hub::HubConfig::from_json(options, self.config.max_connections as usize)?;
-        let h = crate::hub::Hub::start(cfg, core)?;
+        let metrics = self.metrics.clone();
+        let backend = self.config.backend.name();
+        let status: crate::hub::StatusFn = Box::new(move || {
+            let l = metrics.latency();
+            serde_json::json!({
+                "backend": backend,
+                "mode": source.as_ref().map_or("changelog", |s| s.mode()),
+                "perSecond": metrics.emit_rate.per_second(),
+                "captured": metrics.events_captured.load(Relaxed),
+                "latency": { "p50": l.p50, "p99": l.p99 },
+            })
+        });
+        let h = crate::hub::Hub::start(cfg, core, status)?;
         let out = (h.port, h.url.clone());
         *hub = Some(h);
         Ok(out)

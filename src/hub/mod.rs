@@ -100,11 +100,6 @@ impl HubConfig {
                 )))
             }
         };
-        if o.get("dashboard") == Some(&Value::Bool(true)) {
-            return Err(Error::UnsupportedBackend(
-                "listen(): `dashboard` is not available in this version yet".into(),
-            ));
-        }
         for k in o.keys() {
             if !LISTEN_KEYS.contains(&k.as_str()) {
                 return Err(invalid(format!(
@@ -123,10 +118,13 @@ impl HubConfig {
         let path = str_opt("path")?.unwrap_or_else(|| "/stream".into());
         if !path.starts_with('/')
             || path.len() > 200
-            || matches!(path.as_str(), "/" | "/health" | "/metrics")
+            || !path
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/-_.".contains(c))
+            || matches!(path.as_str(), "/" | "/health" | "/metrics" | "/status")
         {
             return Err(invalid(format!(
-                "`path` must start with '/' and not be '/', '/health' or '/metrics', got {path:?}"
+                "`path` must start with '/', hold only letters, digits and / - _ . and not be '/', '/health', '/metrics' or '/status', got {path:?}"
             )));
         }
         let (rate_messages, rate_interval) = match o.get("rateLimit") {
@@ -245,9 +243,13 @@ pub struct Conn {
     kill: AtomicU16,
 }
 
+/// The engine's state for `/status` and the dashboard (mode, rates, latency).
+pub type StatusFn = Box<dyn Fn() -> Value + Send + Sync>;
+
 /// State shared by the server tasks and the publisher.
 pub struct Shared {
     config: HubConfig,
+    status: StatusFn,
     core: Arc<Core>,
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     next_id: AtomicU64,
@@ -365,7 +367,7 @@ pub struct Hub {
 
 impl Hub {
     /// Binds the address and starts serving; the core's changes are published from now on.
-    pub fn start(config: HubConfig, core: Arc<Core>) -> Result<Hub> {
+    pub fn start(config: HubConfig, core: Arc<Core>, status: StatusFn) -> Result<Hub> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("usp-hub")
@@ -388,6 +390,7 @@ impl Hub {
         let url = format!("ws://{}:{port}{}", config.host, config.path);
         let shared = Arc::new(Shared {
             config,
+            status,
             core: core.clone(),
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),

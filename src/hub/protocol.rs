@@ -56,7 +56,7 @@ pub enum Channel {
     Key(String),
     /// `kv:<prefix>*`: keys starting with the prefix (`kv:*`: every key).
     Prefix(String),
-    /// `table:<name>`: rows of a watched table or collection.
+    /// `table:<name>`: rows of a watched table or collection (`table:*`: all of them).
     Table(String),
 }
 
@@ -141,7 +141,7 @@ impl Subscriptions {
     /// Whether a change goes to this connection.
     pub fn matches(&self, c: &Change) -> bool {
         match &c.table {
-            Some(t) => self.tables.contains(&**t),
+            Some(t) => self.tables.contains(&**t) || self.tables.contains("*"),
             None => {
                 self.keys.contains(&*c.key) || self.prefixes.iter().any(|p| c.key.starts_with(p))
             }
@@ -350,6 +350,9 @@ mod tests {
         let mut all = Subscriptions::default();
         all.add(&Channel::parse("kv:*").unwrap());
         assert!(all.matches(&change("anything", None)));
+        assert!(!all.matches(&change("{}", Some("orders"))));
+        all.add(&Channel::parse("table:*").unwrap());
+        assert!(all.matches(&change("{}", Some("orders"))));
         for bad in ["kv:", "table:", "x:y", ""] {
             assert!(Channel::parse(bad).is_err(), "{bad}");
         }

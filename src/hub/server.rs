@@ -25,11 +25,15 @@ use crate::event::Event;
 const FRAME_EVENTS: usize = 1000;
 
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
-    let app = Router::new()
+    let mut app = Router::new()
         .route(&shared.config.path, get(upgrade))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .with_state(shared.clone());
+        .route("/status", get(status));
+    if shared.config.dashboard {
+        app = app.route("/", get(dashboard));
+    }
+    let app = app.with_state(shared.clone());
     let stop = shared.clone();
     let r = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.shutdown.notified().await })
@@ -492,6 +496,33 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
         shared.core.subscribe_at(None, |last| last).0
     );
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// The page of the live dashboard, served from the package (no CDN).
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard(State(shared): State<Arc<Shared>>) -> Response {
+    let page = DASHBOARD.replace("__STREAM_PATH__", &shared.config.path);
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        page,
+    )
+        .into_response()
+}
+
+/// Mode, rates, latency and hub clients, for the dashboard (no secrets, like `/metrics`).
+async fn status(State(shared): State<Arc<Shared>>) -> Response {
+    let mut v = (shared.status)();
+    if let Some(o) = v.as_object_mut() {
+        o.insert(
+            "connections".into(),
+            shared.metrics.connections.load(Relaxed).into(),
+        );
+    }
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
