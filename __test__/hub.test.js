@@ -262,13 +262,14 @@ describe('slow consumers never grow memory without bound', () => {
   const big = 'x'.repeat(16 * 1024);
 
   test('disconnect: closed with 4408', async () => {
-    const { s, hub } = await start({}, { slowConsumer: { policy: 'disconnect', maxQueueBytes: 64 * 1024 } });
+    // The bound leaves a reading client (in this busy test process) room for 64 events.
+    const { s, hub } = await start({}, { slowConsumer: { policy: 'disconnect', maxQueueBytes: 1024 * 1024 } });
     const c = await stalled(hub);
     const fast = client(hub.url);
     await fast.opened;
     fast.send({ type: 'subscribe', channels: ['kv:*'] });
     await fast.next('subscribed');
-    for (let i = 0; i < 1500 && s.getStatus().hub.slowDisconnects === 0; i++) await s.push(`k${i % 50}`, big);
+    for (let i = 0; i < 3000 && s.getStatus().hub.slowDisconnects === 0; i++) await s.push(`k${i % 50}`, big);
     expect(s.getStatus().hub.slowDisconnects).toBe(1);
     c.ws._socket.resume();
     expect((await c.whenClosed).code).toBe(4408);
@@ -296,6 +297,17 @@ describe('slow consumers never grow memory without bound', () => {
     const seqs = c.events().map((e) => e.seq);
     expect(seqs.some((q) => q >= gap.from && q <= gap.to)).toBe(false);
   });
+});
+
+test('a peer that stops answering pings is dropped with 4000', async () => {
+  const { s, hub } = await start({}, { heartbeat: 200 });
+  const c = client(hub.url);
+  await c.opened;
+  await c.first('welcome');
+  c.ws._socket.pause(); // reads nothing, so answers no ping
+  await waitFor(() => s.getStatus().hub.connections === 0, 'the server to drop the silent peer', 10_000);
+  c.ws._socket.resume();
+  expect((await c.whenClosed).code).toBe(4000);
 });
 
 test('close() closes every client with 1001', async () => {

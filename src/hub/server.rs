@@ -122,6 +122,21 @@ async fn refuse(mut socket: WebSocket, code: u16, why: &str) {
             reason: why.into(),
         })))
         .await;
+    let (_, mut rx) = socket.split();
+    await_close(&mut rx).await;
+}
+
+/// Reads until the client answers our close frame (or a second passes), so the socket is not
+/// dropped with unread data: that would reset the connection and hide the close code.
+async fn await_close(rx: &mut futures_util::stream::SplitStream<WebSocket>) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(m)) = rx.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn code_name(code: u16) -> &'static str {
@@ -294,6 +309,9 @@ async fn connection(socket: WebSocket, shared: &Arc<Shared>, token: Option<Strin
                 reason: why.chars().take(120).collect::<String>().into(),
             })))
             .await;
+        shared.unregister(&conn);
+        await_close(&mut rx).await;
+        return;
     }
     shared.unregister(&conn);
 }
