@@ -46,7 +46,8 @@
 //                         (process.cpuUsage() inside it; for ours this includes the pushes, the
 //                         SQLite commits and the change capture, which the peers do not do);
 //   load generator CPU    the same for the load generator process, from `ready` to its end;
-//   frames/s              messages received / (last - first) (ours: events per frame vary).
+//   frames/s              messages received / (last - first) (ours: events per frame vary);
+//   bytes/delivery        payload bytes per delivery (ours: the hub's byte counter / deliveries).
 // Complete = every client got every event exactly once by count (deliveries = CLIENTS x EVENTS,
 // every client EVENTS); anything else (missing, extra, gaps, disconnects, push errors) is listed
 // as PROBLEMS and the exit code is 1. Server, load generator and this script share one machine
@@ -57,7 +58,7 @@
 // is skipped and listed. All traffic goes to 127.0.0.1. Child processes are stopped at the end,
 // on failure and on SIGINT/SIGTERM.
 //
-//   node benchmark/fanout.js [--rounds=3] [--clients=1000] [--events=2000] [--event-bytes=150]
+//   node benchmark/fanout.js [--rounds=3] [--clients=1000] [--events=1500] [--event-bytes=150]
 //     [--chunk=500] [--timeout=60] [--budget=300] [--loadgen-threads=2] [--modes=usp,ws,socket.io,uWS]
 
 const fs = require('node:fs');
@@ -79,7 +80,7 @@ const {
 
 const ROUNDS = Math.floor(numberArg('rounds', 3));
 const CLIENTS = Math.floor(numberArg('clients', 1000));
-const EVENTS = Math.floor(numberArg('events', 2000));
+const EVENTS = Math.floor(numberArg('events', 1500));
 const EVENT_BYTES = Math.floor(numberArg('event-bytes', 150));
 const CHUNK = Math.floor(numberArg('chunk', 500));
 const TIMEOUT_MS = numberArg('timeout', 60) * 1000; // bound of every wait of one run
@@ -362,7 +363,8 @@ const CHILDREN = new Set(); // child processes of the current run, stopped on ex
 function killAll() {
   for (const c of CHILDREN) {
     try {
-      c.kill('SIGKILL');
+      if (c.killGroup) process.kill(-c.pid, 'SIGKILL');
+      else c.kill('SIGKILL');
     } catch {
       // already gone
     }
@@ -401,7 +403,7 @@ const LOADGEN_TARGET = path.join(ROOT, 'target', 'loadgen');
 const LOADGEN_BIN = path.join(LOADGEN_TARGET, 'release', 'usp-fanout-loadgen');
 
 /** Builds the load generator when its binary is missing or older than its sources. */
-function ensureLoadgen() {
+async function ensureLoadgen() {
   const sources = [path.join(LOADGEN_DIR, 'Cargo.toml'), path.join(LOADGEN_DIR, 'Cargo.lock'), path.join(LOADGEN_DIR, 'src', 'main.rs')];
   const newest = Math.max(...sources.map((f) => fs.statSync(f).mtimeMs));
   if (fs.existsSync(LOADGEN_BIN) && fs.statSync(LOADGEN_BIN).mtimeMs >= newest) return { built: false, seconds: 0 };
@@ -416,8 +418,19 @@ function ensureLoadgen() {
   const args = ['build', '--release', '--locked', '--manifest-path', path.join(LOADGEN_DIR, 'Cargo.toml'), '--target-dir', LOADGEN_TARGET];
   console.log(`building the load generator: cargo ${args.map((a) => path.relative(ROOT, a) || a).join(' ')}`);
   const t0 = Date.now();
-  const r = spawnSync('cargo', args, { cwd: ROOT, stdio: 'inherit', timeout: 900_000 });
-  if (r.error || r.status !== 0) throw new Error(`building the load generator failed (${r.error ? r.error.message : `exit code ${r.status}`})`);
+  // Not spawnSync: a SIGTERM during the build must stop cargo too (see killAll).
+  // Its own process group, so that killAll stops the compilers it started as well.
+  const cargo = spawn('cargo', args, { cwd: ROOT, stdio: ['ignore', 'inherit', 'inherit'], detached: true });
+  cargo.killGroup = true;
+  CHILDREN.add(cargo);
+  const timer = setTimeout(() => cargo.kill('SIGKILL'), 900_000);
+  const status = await new Promise((resolve) => {
+    cargo.on('error', (e) => resolve(e.message));
+    cargo.on('exit', (code, sig) => resolve(code === 0 ? 0 : sig || `exit code ${code}`));
+  });
+  clearTimeout(timer);
+  CHILDREN.delete(cargo);
+  if (status !== 0) throw new Error(`building the load generator failed (${status})`);
   return { built: true, seconds: (Date.now() - t0) / 1000 };
 }
 
@@ -514,7 +527,9 @@ async function runOnce(mode, pad) {
     const sent = await sentP;
     const stats = await request(server, { cmd: 'stats' }, 'stats', 10_000);
     const cpuUs = stats.cpu.user - sent.cpuStart.user + (stats.cpu.system - sent.cpuStart.system);
-    const frameBytes = stats.hub ? stats.hub.bytes / Math.max(1, stats.hub.frames) : stats.frameBytes;
+    // Payload bytes per delivery (WebSocket headers not counted); ours: the hub's byte counter
+    // (event frames, plus the welcome/subscribed frames, a negligible part) over its deliveries.
+    const bytesPerDelivery = stats.hub ? stats.hub.bytes / Math.max(1, stats.hub.deliveries) : stats.frameBytes;
     return {
       mode: mode.name,
       clients: CLIENTS,
@@ -527,7 +542,7 @@ async function runOnce(mode, pad) {
       startToLastPerSec: res.lastDeliveryMs ? res.deliveries / ((res.lastDeliveryMs - sent.startedAtMs) / 1000) : NaN,
       framesPerSec: res.durationMs ? res.messages / (res.durationMs / 1000) : NaN,
       eventsPerFrame: res.messages ? res.deliveries / res.messages : NaN,
-      bytesPerFrame: frameBytes,
+      bytesPerDelivery,
       firstDeliveryAfterStartMs: res.firstDeliveryMs - sent.startedAtMs,
       lastDeliveryAfterStartMs: res.lastDeliveryMs - sent.startedAtMs,
       durationMs: res.durationMs,
@@ -578,7 +593,6 @@ function runProblems(tag, res) {
   if (res.hub && (res.hub.slowDisconnects || res.hub.dropped || res.hub.gaps || res.hub.coalesced)) {
     p.push(`${tag}: hub slowDisconnects ${res.hub.slowDisconnects}, dropped ${res.hub.dropped}, gaps ${res.hub.gaps}, coalesced ${res.hub.coalesced}`);
   }
-  if (res.clientsClosedByServer) p.push(`${tag}: the server saw ${res.clientsClosedByServer} clients close during the run`);
   return p;
 }
 
@@ -592,15 +606,6 @@ async function main() {
   const MODES = ALL_MODES.filter((m) => wanted.includes(m.name));
   if (MODES.length === 0) throw new Error(`--modes: none of ${wanted.join(',')} is one of ${ALL_MODES.map((m) => m.name).join(',')}`);
   if (MODES.some((m) => m.name === 'usp')) await loadStreamer(); // fail early when the native binary is missing
-  const build = ensureLoadgen();
-  if (build.built) console.log(`load generator built in ${build.seconds.toFixed(1)} s (not part of any measurement)`);
-  const pad = padFor(EVENT_BYTES, EVENTS);
-  const sample = JSON.stringify(eventObject(Math.floor(EVENTS / 2), pad, Date.now()));
-  console.log(
-    `fanout: ${ROUNDS} rounds; ${CLIENTS} clients (load generator: a separate Rust process, ${LOADGEN_THREADS} threads); ` +
-      `${EVENTS} events of ~${sample.length} bytes each -> ${fmt(CLIENTS * EVENTS, 0)} deliveries per run; modes ${MODES.map((m) => m.name).join(', ')}`,
-  );
-
   const onSignal = (sig) => {
     killAll();
     process.exit(sig === 'SIGINT' ? 130 : 143);
@@ -608,6 +613,14 @@ async function main() {
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   process.on('exit', killAll);
+  const build = await ensureLoadgen();
+  if (build.built) console.log(`load generator built in ${build.seconds.toFixed(1)} s (not part of any measurement)`);
+  const pad = padFor(EVENT_BYTES, EVENTS);
+  const sample = JSON.stringify(eventObject(Math.floor(EVENTS / 2), pad, Date.now()));
+  console.log(
+    `fanout: ${ROUNDS} rounds; ${CLIENTS} clients (load generator: a separate Rust process, ${LOADGEN_THREADS} threads); ` +
+      `${EVENTS} events of ~${sample.length} bytes each -> ${fmt(CLIENTS * EVENTS, 0)} deliveries per run; modes ${MODES.map((m) => m.name).join(', ')}`,
+  );
 
   const runs = [];
   const problems = [];
@@ -672,7 +685,7 @@ async function main() {
       loadgenCpuUsPerDelivery: med((x) => x.loadgenCpuUsPerDelivery),
       framesPerSec: med((x) => x.framesPerSec),
       eventsPerFrame: med((x) => x.eventsPerFrame),
-      bytesPerFrame: med((x) => x.bytesPerFrame),
+      bytesPerDelivery: med((x) => x.bytesPerDelivery),
       lastDeliveryAfterStartMs: med((x) => x.lastDeliveryAfterStartMs),
       serverSendMs: med((x) => x.serverSendMs),
       serverRssMiB: med((x) => x.serverRssMiB),
@@ -692,7 +705,7 @@ async function main() {
   if (skipped.length) console.log(`\nnote: ${skipped.length} run(s) skipped for time (${skipped.join(', ')}); medians use the rounds that ran`);
   printTable(
     `fan-out to ${CLIENTS} clients (another process), ${EVENTS} events of ~${sample.length} bytes, median of rounds`,
-    ['server', 'rounds', 'deliveries/s', 'start->last /s', 'server CPU us/delivery', 'server cores', 'loadgen CPU us/delivery', 'frames/s', 'events/frame', 'bytes/frame'],
+    ['server', 'rounds', 'deliveries/s', 'start->last /s', 'server CPU us/delivery', 'server cores', 'loadgen CPU us/delivery', 'frames/s', 'events/frame', 'bytes/delivery'],
     MODES.map((m) => {
       const x = byMode[m.name];
       return [
@@ -705,7 +718,7 @@ async function main() {
         fmt(x.loadgenCpuUsPerDelivery, 3),
         fmt(x.framesPerSec, 0),
         fmt(x.eventsPerFrame, 1),
-        fmt(x.bytesPerFrame, 0),
+        fmt(x.bytesPerDelivery, 0),
       ];
     }),
   );

@@ -19,6 +19,9 @@ const BENCHMARKS = [
   // Starts a new mongo-java-server (a JVM) per run and runs about 1.5 minutes (--budget=150 s);
   // SIGTERM for the same reason: it stops its servers and its writer process before exiting.
   { name: 'mongodb', file: path.join(__dirname, 'mongodb.js'), timeoutMs: 240_000, killSignal: 'SIGTERM' },
+  // A server process and the Rust load generator per run, about 3 minutes (--budget=300 s), plus
+  // building the load generator on first use (about 30 s); SIGTERM so it stops its children.
+  { name: 'fanout', file: path.join(__dirname, 'fanout.js'), timeoutMs: 420_000, killSignal: 'SIGTERM' },
 ];
 const CHILD_TIMEOUT_MS = 150_000; // a child that runs longer than this (or its own timeoutMs) is stopped and reported
 

@@ -67,7 +67,8 @@ struct Config {
     exit_on_stdin_eof: bool,
 }
 
-const USAGE: &str = "usage: usp-fanout-loadgen --url ws://127.0.0.1:PORT/PATH --clients N --mode usp|raw|socketio \
+const USAGE: &str =
+    "usage: usp-fanout-loadgen --url ws://127.0.0.1:PORT/PATH --clients N --mode usp|raw|socketio \
 --expect N --timeout SECONDS [--threads 2] [--connect-concurrency 64] [--exit-on-stdin-eof]";
 
 fn parse_args() -> Result<Config, String> {
@@ -85,7 +86,9 @@ fn parse_args() -> Result<Config, String> {
         if let Some((k, v)) = name.split_once('=') {
             kv.insert(k.to_string(), v.to_string());
         } else {
-            let v = args.next().ok_or_else(|| format!("--{name} needs a value"))?;
+            let v = args
+                .next()
+                .ok_or_else(|| format!("--{name} needs a value"))?;
             kv.insert(name.to_string(), v);
         }
     }
@@ -93,10 +96,16 @@ fn parse_args() -> Result<Config, String> {
         println!("{USAGE}");
         std::process::exit(0);
     }
-    let take = |k: &str| kv.get(k).cloned().ok_or_else(|| format!("--{k} is required"));
+    let take = |k: &str| {
+        kv.get(k)
+            .cloned()
+            .ok_or_else(|| format!("--{k} is required"))
+    };
     let num = |k: &str, d: Option<u64>| -> Result<u64, String> {
         match kv.get(k) {
-            Some(v) => v.parse::<u64>().map_err(|_| format!("--{k} must be a whole number, got {v:?}")),
+            Some(v) => v
+                .parse::<u64>()
+                .map_err(|_| format!("--{k} must be a whole number, got {v:?}")),
             None => d.ok_or_else(|| format!("--{k} is required")),
         }
     };
@@ -107,18 +116,26 @@ fn parse_args() -> Result<Config, String> {
         "socketio" => Mode::SocketIo,
         m => return Err(format!("--mode must be usp, raw or socketio, got {m:?}")),
     };
-    let rest = url.strip_prefix("ws://").ok_or("--url must start with ws:// (no TLS)")?;
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or("--url must start with ws:// (no TLS)")?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].to_string()),
         None => (rest, "/".to_string()),
     };
     let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| format!("bad port in {url:?}"))?),
+        Some((h, p)) => (
+            h.to_string(),
+            p.parse::<u16>()
+                .map_err(|_| format!("bad port in {url:?}"))?,
+        ),
         None => (authority.to_string(), 80),
     };
     // A load generator must not be pointed at other machines by mistake.
     if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]") {
-        return Err(format!("only loopback hosts are allowed (127.0.0.1, localhost, [::1]), got {host:?}"));
+        return Err(format!(
+            "only loopback hosts are allowed (127.0.0.1, localhost, [::1]), got {host:?}"
+        ));
     }
     let path = if mode == Mode::SocketIo && path == "/" {
         "/socket.io/?EIO=4&transport=websocket".to_string()
@@ -131,12 +148,22 @@ fn parse_args() -> Result<Config, String> {
     let threads = num("threads", Some(2))? as usize;
     let connect_concurrency = num("connect-concurrency", Some(64))? as usize;
     if clients == 0 || timeout == 0 || threads == 0 || connect_concurrency == 0 {
-        return Err("--clients, --timeout, --threads and --connect-concurrency must be positive".into());
+        return Err(
+            "--clients, --timeout, --threads and --connect-concurrency must be positive".into(),
+        );
     }
-    if let Some(k) = kv
-        .keys()
-        .find(|k| !["url", "mode", "clients", "expect", "timeout", "threads", "connect-concurrency"].contains(&k.as_str()))
-    {
+    if let Some(k) = kv.keys().find(|k| {
+        ![
+            "url",
+            "mode",
+            "clients",
+            "expect",
+            "timeout",
+            "threads",
+            "connect-concurrency",
+        ]
+        .contains(&k.as_str())
+    }) {
         return Err(format!("unknown option --{k}"));
     }
     Ok(Config {
@@ -355,11 +382,20 @@ fn parse_header(b: &[u8]) -> Result<Option<Header>, String> {
         }
         n => (n as usize, 2),
     };
-    Ok(Some(Header { fin: b[0] & 0x80 != 0, opcode: b[0] & 0x0f, header_len, payload_len }))
+    Ok(Some(Header {
+        fin: b[0] & 0x80 != 0,
+        opcode: b[0] & 0x0f,
+        header_len,
+        payload_len,
+    }))
 }
 
 async fn connect(cfg: &Config) -> Result<TcpStream, String> {
-    let addr = format!("{}:{}", cfg.host.trim_start_matches('[').trim_end_matches(']'), cfg.port);
+    let addr = format!(
+        "{}:{}",
+        cfg.host.trim_start_matches('[').trim_end_matches(']'),
+        cfg.port
+    );
     let mut last = String::new();
     for attempt in 0..5u64 {
         match TcpStream::connect(&addr).await {
@@ -372,8 +408,17 @@ async fn connect(cfg: &Config) -> Result<TcpStream, String> {
 }
 
 /// A client from connect to the end of its connection; `stop` cancels it from outside.
-async fn client_body(id: usize, cfg: &Config, sh: &Shared, sem: &Semaphore, res: &mut ClientResult) -> Result<(), String> {
-    let permit = sem.acquire().await.map_err(|_| "semaphore closed".to_string())?;
+async fn client_body(
+    id: usize,
+    cfg: &Config,
+    sh: &Shared,
+    sem: &Semaphore,
+    res: &mut ClientResult,
+) -> Result<(), String> {
+    let permit = sem
+        .acquire()
+        .await
+        .map_err(|_| "semaphore closed".to_string())?;
     let mut stream = connect(cfg).await?;
     let _ = stream.set_nodelay(true);
     let request = format!(
@@ -381,7 +426,10 @@ async fn client_body(id: usize, cfg: &Config, sh: &Shared, sem: &Semaphore, res:
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         cfg.path, cfg.host, cfg.port
     );
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
 
     let mut buf: Vec<u8> = vec![0; 64 * 1024];
     let mut end = 0usize;
@@ -390,7 +438,10 @@ async fn client_body(id: usize, cfg: &Config, sh: &Shared, sem: &Semaphore, res:
         if let Some(pos) = memmem::find(&buf[..end], b"\r\n\r\n") {
             let status = buf[..pos].split(|&c| c == b'\n').next().unwrap_or(b"");
             if !status.starts_with(b"HTTP/1.1 101") {
-                return Err(format!("handshake refused: {}", String::from_utf8_lossy(status).trim()));
+                return Err(format!(
+                    "handshake refused: {}",
+                    String::from_utf8_lossy(status).trim()
+                ));
             }
             start = pos + 4; // the server may already have sent frames after the response
             break;
@@ -398,7 +449,10 @@ async fn client_body(id: usize, cfg: &Config, sh: &Shared, sem: &Semaphore, res:
         if end == buf.len() {
             return Err("handshake response too large".into());
         }
-        let n = stream.read(&mut buf[end..]).await.map_err(|e| format!("read: {e}"))?;
+        let n = stream
+            .read(&mut buf[end..])
+            .await
+            .map_err(|e| format!("read: {e}"))?;
         if n == 0 {
             return Err("connection closed during the handshake".into());
         }
@@ -406,7 +460,11 @@ async fn client_body(id: usize, cfg: &Config, sh: &Shared, sem: &Semaphore, res:
     }
     res.connected = true;
 
-    let seed = (id as u32).wrapping_add(1).wrapping_mul(2_654_435_761) ^ SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(7);
+    let seed = (id as u32).wrapping_add(1).wrapping_mul(2_654_435_761)
+        ^ SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(7);
     let mut c = Client {
         cfg,
         sh,
@@ -457,7 +515,11 @@ async fn client_body(id: usize, cfg: &Config, sh: &Shared, sem: &Semaphore, res:
                     }
                 }
                 0x8 => {
-                    let code = if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 };
+                    let code = if payload.len() >= 2 {
+                        u16::from_be_bytes([payload[0], payload[1]])
+                    } else {
+                        1005
+                    };
                     c.res.close_code = Some(code);
                     c.closed = true;
                 }
@@ -471,7 +533,10 @@ async fn client_body(id: usize, cfg: &Config, sh: &Shared, sem: &Semaphore, res:
             }
         }
         if !c.out.is_empty() {
-            stream.write_all(&c.out).await.map_err(|e| format!("write: {e}"))?;
+            stream
+                .write_all(&c.out)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
             c.out.clear();
         }
         if c.closed {
@@ -489,7 +554,10 @@ async fn client_body(id: usize, cfg: &Config, sh: &Shared, sem: &Semaphore, res:
         if start + need > buf.len() {
             buf.resize((start + need).next_power_of_two(), 0);
         }
-        let n = stream.read(&mut buf[end..]).await.map_err(|e| format!("read: {e}"))?;
+        let n = stream
+            .read(&mut buf[end..])
+            .await
+            .map_err(|e| format!("read: {e}"))?;
         if n == 0 {
             return Err("connection closed by the server without a close frame".into());
         }
@@ -505,7 +573,13 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-async fn run_client(id: usize, cfg: Arc<Config>, sh: Arc<Shared>, sem: Arc<Semaphore>, mut stop: watch::Receiver<bool>) -> ClientResult {
+async fn run_client(
+    id: usize,
+    cfg: Arc<Config>,
+    sh: Arc<Shared>,
+    sem: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) -> ClientResult {
     let mut res = ClientResult::default();
     let outcome = tokio::select! {
         r = client_body(id, &cfg, &sh, &sem, &mut res) => Some(r),
@@ -575,7 +649,10 @@ fn num_or_null(v: Option<f64>) -> String {
 
 async fn run(cfg: Arc<Config>) -> i32 {
     let t0 = Instant::now();
-    let wall0_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0);
+    let wall0_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0);
     let epoch_ms = |i: Instant| wall0_ms + i.duration_since(t0).as_secs_f64() * 1000.0;
     let sh = Arc::new(Shared {
         ready: AtomicUsize::new(0),
@@ -603,12 +680,23 @@ async fn run(cfg: Arc<Config>) -> i32 {
     let sem = Arc::new(Semaphore::new(cfg.connect_concurrency));
     let (stop_tx, stop_rx) = watch::channel(false);
     let handles: Vec<_> = (0..cfg.clients)
-        .map(|id| tokio::spawn(run_client(id, cfg.clone(), sh.clone(), sem.clone(), stop_rx.clone())))
+        .map(|id| {
+            tokio::spawn(run_client(
+                id,
+                cfg.clone(),
+                sh.clone(),
+                sem.clone(),
+                stop_rx.clone(),
+            ))
+        })
         .collect();
 
     // 1. Connect (and subscribe) every client, within --timeout.
     let n = cfg.clients;
-    let all_ready = wait_until(&sh, t0 + cfg.timeout, || sh.ready.load(Relaxed) + sh.ended_short.load(Relaxed) >= n).await
+    let all_ready = wait_until(&sh, t0 + cfg.timeout, || {
+        sh.ready.load(Relaxed) + sh.ended_short.load(Relaxed) >= n
+    })
+    .await
         && sh.ready.load(Relaxed) == n;
     let ready_at = Instant::now();
     let cpu_ready = cpu_us();
@@ -616,7 +704,10 @@ async fn run(cfg: Arc<Config>) -> i32 {
     if all_ready {
         println!("ready");
         // 2. Count deliveries until every client has them all, or nobody is left, or --timeout.
-        timed_out = !wait_until(&sh, ready_at + cfg.timeout, || sh.done.load(Relaxed) + sh.ended_short.load(Relaxed) >= n).await;
+        timed_out = !wait_until(&sh, ready_at + cfg.timeout, || {
+            sh.done.load(Relaxed) + sh.ended_short.load(Relaxed) >= n
+        })
+        .await;
     } else {
         eprintln!(
             "loadgen: only {} of {} clients ready within {} s",
@@ -629,7 +720,10 @@ async fn run(cfg: Arc<Config>) -> i32 {
     let _ = stop_tx.send(true);
     let mut results = Vec::with_capacity(n);
     for h in handles {
-        results.push(h.await.unwrap_or_else(|e| ClientResult { error: Some(format!("task failed: {e}")), ..Default::default() }));
+        results.push(h.await.unwrap_or_else(|e| ClientResult {
+            error: Some(format!("task failed: {e}")),
+            ..Default::default()
+        }));
     }
     let cpu_end = cpu_us();
 
@@ -639,7 +733,10 @@ async fn run(cfg: Arc<Config>) -> i32 {
     let messages: u64 = results.iter().map(|r| r.messages).sum();
     let gaps: u64 = results.iter().map(|r| r.gaps).sum();
     let other: u64 = results.iter().map(|r| r.other_messages).sum();
-    let complete = results.iter().filter(|r| r.deliveries == cfg.expect).count();
+    let complete = results
+        .iter()
+        .filter(|r| r.deliveries == cfg.expect)
+        .count();
     let min = results.iter().map(|r| r.deliveries).min().unwrap_or(0);
     let max = results.iter().map(|r| r.deliveries).max().unwrap_or(0);
     let first = results.iter().filter_map(|r| r.first).min();
@@ -648,7 +745,9 @@ async fn run(cfg: Arc<Config>) -> i32 {
         (Some(f), Some(l)) => Some(l.duration_since(f).as_secs_f64() * 1000.0),
         _ => None,
     };
-    let rate = duration_ms.filter(|d| *d > 0.0).map(|d| deliveries as f64 / (d / 1000.0));
+    let rate = duration_ms
+        .filter(|d| *d > 0.0)
+        .map(|d| deliveries as f64 / (d / 1000.0));
     let mut close_codes: BTreeMap<u16, usize> = BTreeMap::new();
     for r in &results {
         if let Some(c) = r.close_code {
@@ -662,8 +761,16 @@ async fn run(cfg: Arc<Config>) -> i32 {
             first_errors.push(e);
         }
     }
-    let codes = close_codes.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(",");
-    let errs = first_errors.iter().map(|e| json_str(e)).collect::<Vec<_>>().join(",");
+    let codes = close_codes
+        .iter()
+        .map(|(k, v)| format!("\"{k}\":{v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let errs = first_errors
+        .iter()
+        .map(|e| json_str(e))
+        .collect::<Vec<_>>()
+        .join(",");
     println!(
         "{{\"mode\":\"{}\",\"url\":{},\"clients\":{},\"threads\":{},\"connected\":{},\"ready\":{},\"allReady\":{},\
          \"expectPerClient\":{},\"deliveries\":{},\"messages\":{},\"completeClients\":{},\"minPerClient\":{},\"maxPerClient\":{},\
@@ -715,7 +822,11 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.threads).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.threads)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("loadgen: cannot start the runtime: {e}");
