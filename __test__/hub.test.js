@@ -98,6 +98,9 @@ test('listen() needs init(), resolves with the port and URL; /health and /metric
   expect(metrics.body).toMatch(/^usp_hub_connections 1$/m);
   expect(metrics.body).toMatch(/^usp_events_captured_total 1$/m);
   expect(metrics.body).toMatch(/# TYPE usp_latency_ms summary/);
+  expect(metrics.body).toMatch(/# TYPE usp_delivery_latency_seconds histogram/);
+  expect(metrics.body).toMatch(/^usp_delivery_latency_seconds_bucket\{le="0\.001"\} \d+$/m);
+  expect(metrics.body).toMatch(/^usp_delivery_latency_seconds_bucket\{le="\+Inf"\} \d+$/m);
   expect(s.getStatus().hub).toMatchObject({ url: hub.url, connections: 1 });
 });
 

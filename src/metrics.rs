@@ -205,6 +205,26 @@ impl Metrics {
         }
     }
 
+    /// Latencies as a cumulative histogram: for each bound (µs), how many were at or below it;
+    /// then the count and the sum (µs).
+    pub fn latency_buckets(&self, bounds_us: &[u64]) -> (Vec<u64>, u64, f64) {
+        let h = match self.latency_us.lock() {
+            Ok(h) => h,
+            Err(_) => return (vec![0; bounds_us.len()], 0, 0.0),
+        };
+        let counts = bounds_us
+            .iter()
+            .map(|&b| {
+                if h.is_empty() {
+                    0
+                } else {
+                    h.count_between(0, b)
+                }
+            })
+            .collect();
+        (counts, h.len(), h.mean() * h.len() as f64)
+    }
+
     /// Forgets recorded latencies (benchmarks reset between phases).
     pub fn reset_latency(&self) {
         if let Ok(mut h) = self.latency_us.lock() {
@@ -221,6 +241,17 @@ impl Default for Metrics {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn latency_histogram_is_cumulative() {
+        let m = Metrics::new();
+        m.record_latencies(&[0, 0, 0], 0);
+        m.record_latencies(&[1_000_000 - 100, 1_000_000 - 1_000, 1_000_000 - 5_000], 1_000_000);
+        let (b, count, sum) = m.latency_buckets(&[500, 2_000, 10_000]);
+        assert_eq!(count, 6);
+        assert_eq!(b, vec![4, 5, 6]);
+        assert!(sum > 6_000.0 && sum < 6_200.0, "{sum}");
+    }
     use super::*;
 
     #[test]

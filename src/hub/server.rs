@@ -677,6 +677,24 @@ fn metrics_text(shared: &Shared) -> String {
         "Clients closed for malformed or oversized messages.",
         n(h.bad_messages.load(Relaxed)),
     );
+    // Commit → JavaScript hand-off latency as a histogram (seconds, cumulative buckets).
+    const BOUNDS_US: [u64; 12] = [
+        100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+    ];
+    let (buckets, count, sum_us) = e.latency_buckets(&BOUNDS_US);
+    let name = "usp_delivery_latency_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Commit to JavaScript hand-off latency.\n# TYPE {name} histogram"
+    );
+    for (b, c) in BOUNDS_US.iter().zip(&buckets) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {c}", *b as f64 / 1e6);
+    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {}\n{name}_count {count}",
+        sum_us / 1e6
+    );
     let l = e.latency();
     let _ = writeln!(
         out,
