@@ -200,6 +200,20 @@ test('beyond the history ring: a gap frame says exactly what cannot be replayed'
   expect(order.slice(0, 3)).toEqual(['subscribed', 'gap', 'events']);
 });
 
+test('with history: false, a resume gets a gap instead of a replay', async () => {
+  const { s, hub } = await start({}, { history: false });
+  for (let i = 1; i <= 5; i++) await s.push(`k${i}`, i);
+  const c = client(hub.url);
+  await c.opened;
+  c.send({ type: 'subscribe', channels: ['kv:*'], since: 2 });
+  const gap = await c.next('gap');
+  expect(gap).toMatchObject({ from: 3, to: 5 });
+  expect(gap.reason).toMatch(/history: false/);
+  await s.push('live', 6);
+  await waitFor(() => c.events().length === 1, 'the live event');
+  expect(c.events()[0].seq).toBe(6);
+});
+
 describe('bad frames and limits close the connection with the documented code; the hub stays up', () => {
   test('malformed, unknown and binary messages: 4400', async () => {
     const { hub } = await start();

@@ -246,7 +246,10 @@ mod tests {
     fn latency_histogram_is_cumulative() {
         let m = Metrics::new();
         m.record_latencies(&[0, 0, 0], 0);
-        m.record_latencies(&[1_000_000 - 100, 1_000_000 - 1_000, 1_000_000 - 5_000], 1_000_000);
+        m.record_latencies(
+            &[1_000_000 - 100, 1_000_000 - 1_000, 1_000_000 - 5_000],
+            1_000_000,
+        );
         let (b, count, sum) = m.latency_buckets(&[500, 2_000, 10_000]);
         assert_eq!(count, 6);
         assert_eq!(b, vec![4, 5, 6]);

@@ -428,24 +428,14 @@ async fn subscribe(
     let events = match (replay, since) {
         (Some(Replay::Events(e)), _) => e,
         (Some(Replay::Gap { from, to, events }), _) => {
-            shared.metrics.gaps.fetch_add(1, Relaxed);
-            send(
-                tx,
-                shared,
-                protocol::gap(from, to, "the history ring no longer holds these events"),
-            )
-            .await?;
+            let why = "the history ring no longer holds these events";
+            send_gap(tx, shared, from, to, why).await?;
             events
         }
         // Replay is off: everything after `since` is a gap.
         (None, Some(s)) if s < last => {
-            shared.metrics.gaps.fetch_add(1, Relaxed);
-            send(
-                tx,
-                shared,
-                protocol::gap(s + 1, last, "replay is off on this hub (history: false)"),
-            )
-            .await?;
+            let why = "replay is off on this hub (history: false)";
+            send_gap(tx, shared, s + 1, last, why).await?;
             Vec::new()
         }
         (None, _) => Vec::new(),
@@ -455,19 +445,25 @@ async fn subscribe(
         .filter(|e| matches!(e, Event::Change(c) if only.matches(c)))
         .map(protocol::encode_event)
         .collect();
-    for chunk in matching.chunks(FRAME_EVENTS) {
+    let matching: Vec<&str> = matching.iter().map(String::as_str).collect();
+    send_events(tx, shared, &matching).await
+}
+
+/// `events` frames of at most `FRAME_EVENTS` events each.
+async fn send_events(tx: &mut Tx, shared: &Shared, events: &[&str]) -> Result<(), ()> {
+    for chunk in events.chunks(FRAME_EVENTS) {
         shared
             .metrics
             .deliveries
             .fetch_add(chunk.len() as u64, Relaxed);
-        send(
-            tx,
-            shared,
-            protocol::events_frame(chunk.iter().map(String::as_str)),
-        )
-        .await?;
+        send(tx, shared, protocol::events_frame(chunk.iter().copied())).await?;
     }
     Ok(())
+}
+
+async fn send_gap(tx: &mut Tx, shared: &Shared, from: u64, to: u64, why: &str) -> Result<(), ()> {
+    shared.metrics.gaps.fetch_add(1, Relaxed);
+    send(tx, shared, protocol::gap(from, to, why)).await
 }
 
 async fn flush(conn: &Conn, shared: &Shared, tx: &mut Tx) -> Result<(), ()> {
@@ -480,31 +476,11 @@ async fn flush(conn: &Conn, shared: &Shared, tx: &mut Tx) -> Result<(), ()> {
         taken
     };
     if let Some((from, to)) = gap {
-        shared.metrics.gaps.fetch_add(1, Relaxed);
-        send(
-            tx,
-            shared,
-            protocol::gap(
-                from,
-                to,
-                "this client fell behind (slowConsumer.maxQueueBytes); these events were dropped",
-            ),
-        )
-        .await?;
+        let why = "this client fell behind (slowConsumer.maxQueueBytes); these events were dropped";
+        send_gap(tx, shared, from, to, why).await?;
     }
-    for chunk in items.chunks(FRAME_EVENTS) {
-        shared
-            .metrics
-            .deliveries
-            .fetch_add(chunk.len() as u64, Relaxed);
-        send(
-            tx,
-            shared,
-            protocol::events_frame(chunk.iter().map(|i| &*i.json)),
-        )
-        .await?;
-    }
-    Ok(())
+    let events: Vec<&str> = items.iter().map(|i| &*i.json).collect();
+    send_events(tx, shared, &events).await
 }
 
 async fn health(State(shared): State<Arc<Shared>>) -> Response {
