@@ -861,7 +861,8 @@ fn parse_mysql_uri(uri: &str) -> std::result::Result<UriParts, &'static str> {
     Ok(p)
 }
 
-fn percent_decode(s: &str) -> std::result::Result<String, &'static str> {
+/// Decodes `%XX` escapes (URIs: user names, passwords, database names, query values).
+pub(crate) fn percent_decode(s: &str) -> std::result::Result<String, &'static str> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

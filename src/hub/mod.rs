@@ -414,10 +414,6 @@ impl Hub {
         })
     }
 
-    pub fn metrics(&self) -> &HubMetrics {
-        &self.shared.metrics
-    }
-
     /// Stops accepting, closes every connection (1001) and stops the runtime.
     pub fn stop(mut self) {
         self.shared.core.set_publisher(None);

@@ -68,14 +68,6 @@ impl Outbox {
         self.bytes
     }
 
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty() && self.gap.is_none()
-    }
-
     fn note_gap(&mut self, seq: u64) {
         self.gap = Some(match self.gap {
             Some((a, b)) => (a.min(seq), b.max(seq)),

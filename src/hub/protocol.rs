@@ -126,10 +126,6 @@ impl Subscriptions {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.prefixes.is_empty() && self.tables.is_empty()
-    }
-
     /// Every channel held.
     pub fn channels(&self) -> Vec<Channel> {
         let mut out: Vec<Channel> = self.keys.iter().cloned().map(Channel::Key).collect();

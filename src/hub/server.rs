@@ -47,27 +47,9 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
 fn query_token(uri: &Uri) -> Option<String> {
     let q = uri.query()?;
     let raw = q.split('&').find_map(|kv| kv.strip_prefix("token="))?;
-    let mut out = Vec::with_capacity(raw.len());
-    let b = raw.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 3 <= b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok().filter(|t| !t.is_empty())
+    crate::config::percent_decode(raw)
+        .ok()
+        .filter(|t| !t.is_empty())
 }
 
 async fn upgrade(

@@ -485,7 +485,7 @@ impl MongoStoreThread {
         if let Some(p) = poller.take() {
             p.join();
         }
-        ctx.join_streams();
+        ctx.stop_streams();
         let last = pipeline.stop();
         if let Some(cp) = last {
             rt.block_on(store.save_checkpoint(&cp));
@@ -607,7 +607,6 @@ impl CaptureContext<'_> {
             stop: stop.clone(),
             unavailable: self.unavailable.clone(),
             status: self.status.clone(),
-            metrics: self.metrics.clone(),
             live: Some(live_tx),
         };
         let rt = self.rt.clone();
@@ -676,10 +675,6 @@ impl CaptureContext<'_> {
         for r in all {
             let _ = r.handle.join();
         }
-    }
-
-    fn join_streams(&self) {
-        self.stop_streams();
     }
 
     /// Starts the poller from `from` (ms of `updatedAt`; `None`: now). With `finish`, it polls

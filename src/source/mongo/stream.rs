@@ -22,7 +22,6 @@ use super::convert::{decode, Decoded};
 use super::Resume;
 use crate::core::pipeline::SourceMsg;
 use crate::event::{Change, Event};
-use crate::metrics::Metrics;
 use crate::source::{Operations, SourceStatus};
 
 /// Most changes handed to the pipeline in one message.
@@ -60,7 +59,6 @@ pub struct StreamCapture {
     /// Set when the server refuses the stream after it ran (it left its replica set).
     pub unavailable: Arc<AtomicBool>,
     pub status: Arc<SourceStatus>,
-    pub metrics: Arc<Metrics>,
     /// Told once whether the stream opened (with the token it starts from).
     pub live: Option<SyncSender<Result<Option<Document>, LiveError>>>,
 }
