@@ -8,7 +8,7 @@ import { EventEmitter } from 'node:events';
  * `code` is one of these:
  *
  * - `USP_INVALID_CONFIG` — the configuration is invalid; the message names the option.
- * - `USP_UNSUPPORTED_BACKEND` — the backend cannot do this (watch() on the embedded store, or while polling).
+ * - `USP_UNSUPPORTED_BACKEND` — the backend cannot do this (watch() on the embedded store, while polling, or at run time with options.redis).
  * - `USP_INVALID_KEY` — the key is not a non-empty string of at most `maxKeyLength` characters without NUL.
  * - `USP_INVALID_VALUE` — the value cannot be stored as JSON (undefined, function, symbol, BigInt, circular).
  * - `USP_VALUE_TOO_LARGE` — the value is larger than `maxValueSize` bytes as JSON (default 16 MiB).
@@ -124,6 +124,8 @@ export interface StreamerOptions {
     /** Name of this streamer's checkpoint (resume tokens) in `<table>_checkpoint` (1..64 characters). Default 'default'. */
     checkpointName?: string;
   };
+  /** Scale-out through Redis (MySQL/MariaDB backend): instances with the same `url` and `keyPrefix` serve one stream. One instance captures at a time (a lease with fencing), appends changes to a Redis Stream, and every instance delivers them with the same `seq`. Give every instance the same options. */
+  redis?: RedisOptions;
   /** Embedded SQLite settings. */
   sqlite?: {
     /** 'normal' (default: survives a process crash) or 'full' (fsync per commit: survives power loss). */
@@ -290,10 +292,54 @@ export interface SourceStatus {
   position: string;
 }
 
+/** `options.redis`. */
+export interface RedisOptions {
+  /** 'redis://[user:password@]host[:port][/db]' (TLS is not supported in this version). Never shown in status or errors. */
+  url: string;
+  /** Prefix of every Redis key of this stream (1..200 characters). Default 'usp:<database>:<table>:'. */
+  keyPrefix?: string;
+  /** Entries (one per batch of changes) the Redis Stream keeps at most (10..1e9). Default 100000. */
+  streamMaxLen?: number;
+  /** Entries older than this many ms are trimmed; 0 = by length only. Default 3600000. */
+  streamMaxAge?: number;
+  /** How long the capture lease lasts without renewal, in ms (300..600000): a dead capturer is replaced after about this long. Default 3000. */
+  leaseTtl?: number;
+  /** A cache shared by the instances in Redis (L2), behind the in-process one. Default: `enableCache`. */
+  cache?: boolean;
+  /** Time-to-live of an L2 entry, in ms (1000..2592000000). Default 300000. */
+  cacheTTL?: number;
+}
+
+/** `getStatus().bus`: this instance's part in a Redis-backed stream. */
+export interface BusStatus {
+  /** The Redis URL without credentials. */
+  url: string;
+  keyPrefix: string;
+  /** 'leader': this instance captures and appends; 'follower': it reads what the leader appends. */
+  role: 'starting' | 'leader' | 'follower';
+  /** Fencing term of the lease while leader, else 0. */
+  term: number;
+  /** 'reconnecting' while a link to Redis is down (capture paused or reading stopped). */
+  state: 'connected' | 'reconnecting';
+  reconnecting: boolean;
+  capturePaused: boolean;
+  attempts: number;
+  /** The last seq read from the stream. */
+  lastSeq: number;
+  /** Stream entries read and appended by this instance. */
+  consumed: number;
+  appended: number;
+  /** Times this instance fell behind the stream's trim point (each announced by a 'resync'). */
+  resyncs: number;
+  /** Times this instance took the capture lease. */
+  takeovers: number;
+  lastError: string | null;
+}
+
 /** What `getStatus()` returns. */
 export interface StreamerStatus {
-  /** 'idle' before init, 'starting', 'changelog' (capturing the SQLite change log), 'binlog' (capturing the MySQL binary log), 'changeStream' (MongoDB change streams), 'polling' (MySQL without binlog access, MongoDB without change streams), 'failed' (capture stopped on an internal error, see `errors.last`), 'closed'. */
-  mode: 'idle' | 'starting' | 'changelog' | 'binlog' | 'changeStream' | 'polling' | 'failed' | 'closed';
+  /** 'idle' before init, 'starting', 'changelog' (capturing the SQLite change log), 'binlog' (capturing the MySQL binary log), 'changeStream' (MongoDB change streams), 'polling' (MySQL without binlog access, MongoDB without change streams), 'follower' (with `options.redis`: another instance captures, this one reads the Redis stream), 'failed' (capture stopped on an internal error, see `errors.last`), 'closed'. */
+  mode: 'idle' | 'starting' | 'changelog' | 'binlog' | 'changeStream' | 'polling' | 'follower' | 'failed' | 'closed';
   connected: boolean;
   initialized: boolean;
   closed: boolean;
@@ -301,6 +347,8 @@ export interface StreamerStatus {
   backend: { type: string; path?: string; table?: string; synchronous?: string; host?: string; port?: number; database?: string; user?: string; uri?: string };
   /** Server backends: the capture's state and what init() found on the server; null for the embedded store. */
   source: SourceStatus | null;
+  /** With `options.redis`: role and Redis links; else null. */
+  bus: BusStatus | null;
   events: { captured: number; emitted: number; deduplicated: number; perSecond: number; batches: number; maxBatch: number; resyncs: number };
   latency: LatencyStatus;
   cache: { enabled: boolean; hits: number; misses: number; hitRatio: number; size: number; bytes: number; maxBytes: number; ttlMs: number };

@@ -84,4 +84,4 @@ async function startMariaDb({ binlog = true, tls = false } = {}) {
   return server;
 }
 
-module.exports = { startMariaDb, PASSWORD };
+module.exports = { startMariaDb, PASSWORD, freePort };

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a fresh machine: Debian build tools if missing, npm dependencies, the Rust build.
 # `--test` also installs what the test suite needs: the MariaDB test server, openssl, a JDK
-# and Maven for the MongoDB test server (which it then builds), and Chromium for the browser test.
+# and Maven for the MongoDB test server (which it then builds), Redis, and Chromium for the
+# browser test.
 # Idempotent: steps that are already done are skipped quickly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,8 @@ if [ "${1:-}" = "--test" ]; then
   # The MongoDB test server (scripts/mongo.sh): mongo-java-server, fetched with Maven, run on a JDK.
   command -v javac >/dev/null || missing+=(default-jdk-headless)
   command -v mvn >/dev/null || missing+=(maven)
+  # Redis for the scale-out tests (scripts/redis.sh).
+  command -v redis-server >/dev/null || missing+=(redis-server)
   # Headless Chromium for the dashboard's browser test (driven by playwright-core).
   command -v chromium >/dev/null || missing+=(chromium)
 fi

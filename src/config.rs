@@ -106,6 +106,29 @@ impl Default for CaptureOptions {
     }
 }
 
+/// `options.redis`: several instances share one stream through Redis (MySQL/MariaDB backend).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host[:port][/db]`. Secret: it may hold a password.
+    pub url: Secret,
+    /// Prefix of every Redis key of this stream. Instances of the same stream use the same
+    /// prefix; different streams sharing a Redis use different ones. Default
+    /// `usp:<database>:<table>:`.
+    pub key_prefix: String,
+    /// Entries (each a batch of changes) the change stream keeps at most. Default 100000.
+    pub stream_max_len: u64,
+    /// Entries older than this many ms are trimmed; 0 trims by length only. Default 3600000.
+    pub stream_max_age_ms: u64,
+    /// How long the capture lease lasts without renewal, in ms: a dead capturer is replaced
+    /// after at most about this long. Default 3000.
+    pub lease_ms: u64,
+    /// Keep a cache shared by the instances in Redis (L2, behind the in-process one). Default
+    /// true when `enableCache` is.
+    pub cache: bool,
+    /// Time-to-live of an L2 cache entry, in ms. Default 300000.
+    pub cache_ttl_ms: u64,
+}
+
 /// Which database the streamer runs on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Backend {
@@ -165,6 +188,8 @@ pub struct Config {
     pub dedupe_capacity: usize,
     /// Log level: error, warn, info, debug, trace, off. `USP_LOG` overrides when unset.
     pub log_level: Option<String>,
+    /// Scale-out through Redis (`options.redis`); `None`: one process, no Redis.
+    pub redis: Option<RedisConfig>,
 }
 
 impl Default for Config {
@@ -197,6 +222,7 @@ impl Default for Config {
             history_max_bytes: 64 * 1024 * 1024,
             dedupe_capacity: 1_000_000,
             log_level: None,
+            redis: None,
         }
     }
 }
@@ -224,6 +250,16 @@ const OPTION_KEYS: &[&str] = &[
     "sqlite",
     "mysql",
     "mongodb",
+    "redis",
+];
+const REDIS_KEYS: &[&str] = &[
+    "url",
+    "keyPrefix",
+    "streamMaxLen",
+    "streamMaxAge",
+    "leaseTtl",
+    "cache",
+    "cacheTTL",
 ];
 const MONGODB_KEYS: &[&str] = &[
     "heartbeatInterval",
@@ -547,6 +583,14 @@ impl Config {
                 )))
             }
         };
+        if let Some(v) = opts.get("redis") {
+            let Backend::Mysql(server) = &cfg.backend else {
+                return Err(invalid(format!(
+                    "`{opt_path}redis` works with the mysql backend in this version; remove it, or use database: 'mysql'"
+                )));
+            };
+            cfg.redis = Some(parse_redis(v, server, cfg.enable_cache, opt_path)?);
+        }
         Ok(cfg)
     }
 
@@ -687,6 +731,67 @@ fn parse_mongodb(
     }
     require_database(s, "mongodb", conn_path)?;
     parse_capture(&mut s.capture, opts, "mongodb", MONGODB_KEYS, opt_path)
+}
+
+/// `options.redis`.
+fn parse_redis(
+    v: &Value,
+    server: &ServerConfig,
+    enable_cache: bool,
+    opt_path: &str,
+) -> Result<RedisConfig> {
+    let p = format!("{opt_path}redis.");
+    let o = expect_object(v, &format!("{opt_path}redis"))?;
+    check_keys(o, REDIS_KEYS, &p)?;
+    let url = get_str(o, "url", &p)?.ok_or_else(|| {
+        invalid(format!(
+            "`{p}url` is required, e.g. 'redis://127.0.0.1:6379'"
+        ))
+    })?;
+    if !url.starts_with("redis://") || url.len() <= "redis://".len() {
+        return Err(invalid(format!(
+            "`{p}url` must start with 'redis://' (TLS 'rediss://' is not supported in this version), got {}",
+            redact_uri(url)
+        )));
+    }
+    let key_prefix = match get_str(o, "keyPrefix", &p)? {
+        Some(k) if k.is_empty() || k.len() > 200 => {
+            return Err(invalid(format!(
+                "`{p}keyPrefix` must be 1 to 200 characters"
+            )))
+        }
+        Some(k) => k.to_string(),
+        None => format!(
+            "usp:{}:{}:",
+            server.database.as_deref().unwrap_or(""),
+            server.table
+        ),
+    };
+    let mut r = RedisConfig {
+        url: Secret(url.to_string()),
+        key_prefix,
+        stream_max_len: 100_000,
+        stream_max_age_ms: 3_600_000,
+        lease_ms: 3000,
+        cache: enable_cache,
+        cache_ttl_ms: 300_000,
+    };
+    if let Some(n) = get_int(o, "streamMaxLen", &p, 10, 1_000_000_000)? {
+        r.stream_max_len = n;
+    }
+    if let Some(n) = get_int(o, "streamMaxAge", &p, 0, 365 * 86_400_000)? {
+        r.stream_max_age_ms = n;
+    }
+    if let Some(n) = get_int(o, "leaseTtl", &p, 300, 600_000)? {
+        r.lease_ms = n;
+    }
+    if let Some(b) = get_bool(o, "cache", &p)? {
+        r.cache = b && enable_cache;
+    }
+    if let Some(n) = get_int(o, "cacheTTL", &p, 1000, 30 * 86_400_000)? {
+        r.cache_ttl_ms = n;
+    }
+    Ok(r)
 }
 
 /// A server backend's database name: present and a plain identifier.
@@ -1143,6 +1248,59 @@ mod tests {
             "options": {"mysql": {"watch": ["a;b"]}}}))
             .contains("watch")
         );
+    }
+
+    #[test]
+    fn redis_options() {
+        let base = |redis: Value| {
+            Config::from_json(&json!({"database": "mysql",
+                "connection": {"uri": "mysql://u:p@h/shop"}, "options": {"table": "kv", "redis": redis}}))
+        };
+        let c = base(json!({"url": "redis://:pw@127.0.0.1:6379"})).unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(r.key_prefix, "usp:shop:kv:");
+        assert_eq!(
+            (r.stream_max_len, r.lease_ms, r.cache),
+            (100_000, 3000, true)
+        );
+        let r = base(
+            json!({"url": "redis://x", "keyPrefix": "a:", "streamMaxLen": 10,
+            "streamMaxAge": 0, "leaseTtl": 300, "cache": false, "cacheTTL": 1000}),
+        )
+        .unwrap()
+        .redis
+        .unwrap();
+        assert_eq!(
+            (
+                r.key_prefix.as_str(),
+                r.stream_max_len,
+                r.stream_max_age_ms,
+                r.lease_ms,
+                r.cache,
+                r.cache_ttl_ms
+            ),
+            ("a:", 10, 0, 300, false, 1000)
+        );
+        for (bad, msg) in [
+            (json!({}), "options.redis.url"),
+            (json!({"url": "rediss://x"}), "redis://"),
+            (json!({"url": "redis://x", "leaseTtl": 10}), "leaseTtl"),
+            (
+                json!({"url": "redis://x", "other": 1}),
+                "options.redis.other",
+            ),
+            (json!("redis://x"), "options.redis"),
+        ] {
+            let e = base(bad).unwrap_err().to_string();
+            assert!(e.contains(msg), "{e}");
+        }
+        let e = err(json!({"options": {"redis": {"url": "redis://x"}}}));
+        assert!(e.contains("mysql backend"), "{e}");
+        // The password never shows.
+        let e = base(json!({"url": "http://:secret@x"}))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("secret"), "{e}");
     }
 
     #[test]

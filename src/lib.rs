@@ -3,6 +3,7 @@
 //! layer over `core::engine::Engine`; everything else builds and tests without Node.
 #![deny(clippy::all)]
 
+pub mod bus;
 pub mod config;
 pub mod core;
 pub mod error;

@@ -101,6 +101,11 @@ impl Cache {
         self.inner.invalidate(key);
     }
 
+    /// Drops every entry (after a resync: changes were missed, any entry may be stale).
+    pub fn clear(&self) {
+        self.inner.invalidate_all();
+    }
+
     pub fn stats(&self) -> CacheStats {
         self.inner.run_pending_tasks();
         let hits = self.hits.load(Relaxed);

@@ -34,6 +34,8 @@ struct Running {
     connected: Arc<AtomicBool>,
     /// Mode and connection state of a server source (none for the embedded store).
     source: Option<Arc<SourceStatus>>,
+    /// Role and Redis links in bus mode (`options.redis`).
+    bus: Option<Arc<crate::bus::BusStatus>>,
 }
 
 /// One streamer's engine.
@@ -173,6 +175,7 @@ impl Engine {
             write_batch_size: cfg.write_batch_size,
         };
         let mut source = None;
+        let mut bus = None;
         let (name, body): (&str, Box<dyn FnOnce() + Send>) = match &cfg.backend {
             Backend::Sqlite(sqlite) => {
                 let store = StoreThread {
@@ -186,10 +189,17 @@ impl Engine {
                 let status = Arc::new(SourceStatus::default());
                 status.set_mode("starting");
                 source = Some(status.clone());
+                let bus_status = cfg
+                    .redis
+                    .as_ref()
+                    .map(|r| Arc::new(crate::bus::BusStatus::new(r)));
+                bus = bus_status.clone();
                 let store = MysqlStoreThread {
                     server: server.clone(),
                     ctx: store_ctx,
                     status,
+                    redis: cfg.redis.clone(),
+                    bus_status,
                 };
                 ("usp-mysql-store", Box::new(move || store.run()))
             }
@@ -224,6 +234,7 @@ impl Engine {
             ready,
             connected,
             source,
+            bus,
         });
         Ok(())
     }
@@ -380,10 +391,14 @@ impl Engine {
         let m = &self.metrics;
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut source = Value::Null;
+        let mut bus = Value::Null;
         let (mode, initialized, closed, connected, core) = match &*st {
             State::Created => ("idle", false, false, false, None),
             State::Closed => ("closed", false, true, false, None),
             State::Running(r) => {
+                if let Some(b) = &r.bus {
+                    bus = b.to_json();
+                }
                 let ready = r.ready.load(Relaxed);
                 let mode = match (&r.source, ready) {
                     (_, false) => "starting",
@@ -427,6 +442,7 @@ impl Engine {
             "closed": closed,
             "backend": c.backend_summary(),
             "source": source,
+            "bus": bus,
             "events": {
                 "captured": m.events_captured.load(Relaxed),
                 "emitted": m.events_emitted.load(Relaxed),

@@ -39,7 +39,8 @@ impl Sequencer {
         }
     }
 
-    /// Decides whether `c` is new; on acceptance stamps its global `seq`.
+    /// Decides whether `c` is new; on acceptance stamps its global `seq` (a change that already
+    /// carries one keeps it, and numbering continues after it).
     ///
     /// - Log positions (change log, binlog) only move forward: anything at or before the last
     ///   admitted one is a replay. Polled rows (polls overlap) and change-stream events (whose
@@ -75,8 +76,9 @@ impl Sequencer {
         } else {
             self.versions.put(c.key.clone(), c.version);
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        // A change read from the Redis bus comes numbered: every instance uses the stream's seq.
+        let seq = if c.seq > 0 { c.seq } else { self.next_seq };
+        self.next_seq = seq + 1;
         c.seq = seq;
         Admission::Accept(seq)
     }

@@ -128,6 +128,10 @@ fn run<C: Checkpoint>(
             }
             SourceMsg::Resync { reason, checkpoint } => {
                 core.metrics.resyncs.fetch_add(1, Relaxed);
+                // Changes were missed: cached values may be stale.
+                if let Some(cache) = &core.cache {
+                    cache.clear();
+                }
                 let to = core.last_seq();
                 batcher.push(
                     vec![Event::Resync {

@@ -273,6 +273,9 @@ pub struct MysqlStoreThread {
     pub server: ServerConfig,
     pub ctx: StoreContext,
     pub status: Arc<SourceStatus>,
+    /// `options.redis`: capture only while holding the lease; deliver from the Redis stream.
+    pub redis: Option<crate::config::RedisConfig>,
+    pub bus_status: Option<Arc<crate::bus::BusStatus>>,
 }
 
 struct Store {
@@ -308,12 +311,133 @@ const POLL_MARK: &str = "@poll";
 /// `updated_at` in µs since the epoch; the engine's sessions run in UTC.
 const EPOCH_US: &str = "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', updated_at)";
 
+impl crate::bus::BusCheckpoint for Resume {
+    fn to_bus(&self) -> String {
+        let at = crate::event::now_us();
+        match self {
+            Resume::Binlog { file, pos } => format!("{at}|b|{pos}|{file}"),
+            Resume::Poll { ts_us } => format!("{at}|p|{ts_us}"),
+        }
+    }
+
+    fn from_bus(s: &str) -> Option<(Resume, i64)> {
+        let mut parts = s.splitn(4, '|');
+        let at: i64 = parts.next()?.parse().ok()?;
+        let r = match (parts.next()?, parts.next()?, parts.next()) {
+            ("b", pos, Some(file)) if !file.is_empty() => Resume::Binlog {
+                file: file.to_string(),
+                pos: pos.parse().ok()?,
+            },
+            ("p", ts, None) => Resume::Poll {
+                ts_us: ts.parse().ok()?,
+            },
+            _ => return None,
+        };
+        Some((r, at))
+    }
+}
+
+/// The Redis side of a streamer in bus mode (`options.redis`).
+struct BusLink {
+    cfg: crate::config::RedisConfig,
+    client: redis::Client,
+    keys: crate::bus::Keys,
+    status: Arc<crate::bus::BusStatus>,
+    lease: crate::bus::lease::Lease,
+    consumer: crate::bus::consume::Consumer,
+}
+
+impl BusLink {
+    /// Connects (failing `init()` fast when Redis is unreachable), starts reading the stream
+    /// from its current end into `tx`, and asks for the capture lease once.
+    fn open(
+        cfg: &crate::config::RedisConfig,
+        status: Arc<crate::bus::BusStatus>,
+        tx: std::sync::mpsc::SyncSender<SourceMsg<Resume>>,
+    ) -> Result<BusLink> {
+        let client = crate::bus::client(cfg)?;
+        let keys = crate::bus::Keys::new(&cfg.key_prefix);
+        let mut conn = crate::bus::connect(&client).map_err(|e| crate::bus::init_error(&e, cfg))?;
+        let from = crate::bus::consume::snapshot(&mut conn, &keys)
+            .map_err(|e| crate::bus::init_error(&e, cfg))?;
+        drop(conn);
+        let thread_err = |e: std::io::Error| Error::Internal(format!("Redis bus thread: {e}"));
+        let consumer = crate::bus::consume::Consumer::start(
+            client.clone(),
+            keys.clone(),
+            from,
+            tx,
+            status.clone(),
+        )
+        .map_err(thread_err)?;
+        let lease = crate::bus::lease::Lease::start(
+            client.clone(),
+            keys.clone(),
+            crate::bus::instance_id(),
+            Duration::from_millis(cfg.lease_ms),
+            status.clone(),
+        )
+        .map_err(thread_err)?;
+        Ok(BusLink {
+            cfg: cfg.clone(),
+            client,
+            keys,
+            status,
+            lease,
+            consumer,
+        })
+    }
+
+    /// Where the capturer of a new term starts: the checkpoint stored with the stream.
+    fn checkpoint(&self) -> std::result::Result<Option<(Resume, i64)>, String> {
+        crate::bus::read_checkpoint(&self.client, &self.keys).map_err(|e| crate::bus::describe(&e))
+    }
+
+    fn appender(&self, lease: String) -> Result<crate::bus::append::Appender<Resume>> {
+        crate::bus::append::Appender::start(
+            self.client.clone(),
+            self.keys.clone(),
+            lease,
+            crate::bus::append::Trim {
+                max_len: self.cfg.stream_max_len,
+                max_age_ms: self.cfg.stream_max_age_ms,
+            },
+            self.status.clone(),
+            PIPELINE_CAPACITY,
+            None,
+        )
+        .map_err(|e| Error::Internal(format!("Redis append thread: {e}")))
+    }
+}
+
+/// Capture while this instance captures: its context, the poller if polling, and in bus mode
+/// the appender of its lease term.
+struct Capturing {
+    ctx: CaptureContext,
+    poller: Option<Polling>,
+    appender: Option<crate::bus::append::Appender<Resume>>,
+    term: u64,
+}
+
+impl Capturing {
+    /// Stops capture; in bus mode returns the checkpoint of the last entry appended.
+    fn stop(self) -> Option<Resume> {
+        self.ctx.stop.store(true, Relaxed);
+        if let Some(p) = self.poller {
+            p.join();
+        }
+        self.appender.and_then(|a| a.stop())
+    }
+}
+
 impl MysqlStoreThread {
     pub fn run(self) {
         let MysqlStoreThread {
             server,
             ctx,
             status,
+            redis,
+            bus_status,
         } = self;
         let StoreContext {
             core,
@@ -362,17 +486,7 @@ impl MysqlStoreThread {
             Ok(p) => p,
             Err(e) => return fail(Error::Internal(format!("delivery thread: {e}")), rx),
         };
-        let ctx = CaptureContext {
-            info: info.clone(),
-            server: server.clone(),
-            columns: started.columns.clone(),
-            pipeline: &pipeline,
-            status: status.clone(),
-            metrics: core.metrics.clone(),
-            stop: Arc::new(AtomicBool::new(false)),
-            watches: Watches::default(),
-        };
-        let saved = started.saved.clone();
+        let watches = Watches::default();
         let fast_path = match (server.use_change_streams, started.facts.binlog_problem()) {
             (false, _) => Err("option useChangeStreams is false".to_string()),
             (true, Some(why)) => Err(why),
@@ -382,7 +496,7 @@ impl MysqlStoreThread {
         for table in &server.capture.watch {
             match rt.block_on(store.watch_spec(table, Operations::default())) {
                 Ok(spec) => {
-                    ctx.watches
+                    watches
                         .write()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(spec.table.clone(), Arc::new(spec));
@@ -396,71 +510,60 @@ impl MysqlStoreThread {
                 }
             }
         }
-        let mut poller: Option<Polling> = None;
-        match fast_path {
-            Ok(()) => {
-                let start = match rt.block_on(store.binlog_start(saved.as_ref().map(|(r, _)| r))) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        pipeline.stop();
-                        return fail(e, rx);
-                    }
-                };
-                let first = start.resume();
-                if let Err(e) = ctx.start_binlog(start) {
-                    ctx.stop.store(true, Relaxed);
-                    pipeline.stop();
-                    return fail(e, rx);
-                }
-                // The starting point is saved at once: a streamer closed before any change
-                // still resumes here.
-                rt.block_on(store.save_checkpoint(&first));
-                if let Some((Resume::Poll { ts_us }, _)) = saved {
-                    // The previous streamer polled: one catch-up poll covers the gap.
-                    match ctx.start_poller(Some(ts_us), true) {
-                        Ok(p) => p.finish_and_join(),
-                        Err(e) => tracing::warn!("catch-up poll not started: {e}"),
-                    }
-                }
-                status.set_mode("binlog");
-            }
-            Err(why) => {
-                let from = match &saved {
-                    Some((Resume::Poll { ts_us }, _)) => Some(*ts_us),
-                    // Resuming from the binlog in polling mode: from when its checkpoint was
-                    // saved (the overlap window covers the rest).
-                    Some((Resume::Binlog { .. }, at)) => Some(*at),
-                    None => None,
-                };
-                match ctx.start_poller(from, false) {
-                    Ok(p) => poller = Some(p),
+        let new_ctx = |tx| CaptureContext {
+            info: info.clone(),
+            server: server.clone(),
+            columns: started.columns.clone(),
+            tx,
+            status: status.clone(),
+            metrics: core.metrics.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            watches: watches.clone(),
+        };
+        let mut capturing: Option<Capturing> = None;
+        let mut bus: Option<BusLink> = None;
+        match (&redis, &bus_status) {
+            (Some(cfg), Some(bs)) => {
+                match BusLink::open(cfg, bs.clone(), pipeline.sender()) {
+                    Ok(b) => bus = Some(b),
                     Err(e) => {
                         pipeline.stop();
                         return fail(e, rx);
                     }
                 }
-                tracing::warn!(
-                    "binlog capture not possible ({why}): polling every {} ms",
-                    server.polling_interval_ms
-                );
-                status.set_mode("polling");
-                let unwatched = if server.capture.watch.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        "; rows of the watched tables ({}) are NOT delivered while polling",
-                        server.capture.watch.join(", ")
-                    )
-                };
-                let _ = pipeline.sender().send(SourceMsg::Notice(Event::Mode {
-                    source: "mysql",
-                    mode: "polling",
-                    reason: format!(
-                        "binlog capture is not possible: {why}; polling every {} ms (intermediate versions between polls are not delivered){unwatched}",
-                        server.polling_interval_ms
-                    ),
-                }));
+                status.set_mode("follower");
+                bs.set_leader(false);
             }
+            _ => {
+                let ctx = new_ctx(pipeline.sender());
+                match start_capture(&rt, &mut store, &ctx, started.saved.clone(), &fast_path) {
+                    Ok((poller, _)) => {
+                        capturing = Some(Capturing {
+                            ctx,
+                            poller,
+                            appender: None,
+                            term: 0,
+                        })
+                    }
+                    Err(e) => {
+                        ctx.stop.store(true, Relaxed);
+                        pipeline.stop();
+                        return fail(e, rx);
+                    }
+                }
+            }
+        }
+        // In bus mode, the first instance of a stream captures before `init()` resolves.
+        if let Some(b) = &bus {
+            take_over(
+                &rt,
+                &mut store,
+                b,
+                &mut capturing,
+                &new_ctx,
+                &fast_path,
+                &status,
+            );
         }
         tracing::info!(table = %server.table, version = %started.facts.version, mode = status.mode(), "mysql store ready");
         ready.store(true, Relaxed);
@@ -470,8 +573,12 @@ impl MysqlStoreThread {
         let mut last_save = Instant::now();
         let mut last_retry = Instant::now();
         let retry_every = Duration::from_millis(server.capture.fast_path_retry_ms);
+        let tick = match &redis {
+            Some(r) => Duration::from_millis(r.lease_ms / 6).min(CHECKPOINT_EVERY),
+            None => CHECKPOINT_EVERY,
+        };
         while shutdown.is_none() {
-            match rx.recv_timeout(CHECKPOINT_EVERY.min(retry_every)) {
+            match rx.recv_timeout(tick.min(retry_every)) {
                 Ok(op) => {
                     let ops = crate::source::take_batch(op, &rx, write_batch_size, &core.metrics);
                     let (watch_ops, ops): (Vec<Op>, Vec<Op>) =
@@ -488,7 +595,12 @@ impl MysqlStoreThread {
                         else {
                             continue;
                         };
-                        let r = if poller.is_some() {
+                        let polling = capturing.as_ref().is_some_and(|c| c.poller.is_some());
+                        let r = if bus.is_some() {
+                            Err(Error::UnsupportedBackend(format!(
+                                "watch('{table}') at run time is not available with options.redis: list the table in options.mysql.watch of every instance"
+                            )))
+                        } else if polling {
                             Err(Error::UnsupportedBackend(format!(
                                 "watch('{table}') needs binlog capture, and this streamer is polling (see getStatus().source.server); give the user REPLICATION SLAVE and REPLICATION CLIENT and turn on the binary log"
                             )))
@@ -505,7 +617,7 @@ impl MysqlStoreThread {
                         done.push(match r {
                             Ok(spec) => {
                                 tracing::info!(table = %spec.table, "watching table");
-                                ctx.watches
+                                watches
                                     .write()
                                     .unwrap_or_else(|p| p.into_inner())
                                     .insert(spec.table.clone(), Arc::new(spec));
@@ -525,24 +637,46 @@ impl MysqlStoreThread {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            if shutdown.is_some() {
+                break;
+            }
+            if let Some(b) = &bus {
+                take_over(
+                    &rt,
+                    &mut store,
+                    b,
+                    &mut capturing,
+                    &new_ctx,
+                    &fast_path,
+                    &status,
+                );
+            }
             if last_save.elapsed() >= CHECKPOINT_EVERY {
                 last_save = Instant::now();
-                if let Some(cp) = pipeline.delivered() {
+                let cp = match &capturing {
+                    Some(Capturing {
+                        appender: Some(a), ..
+                    }) => a.delivered(),
+                    Some(_) => pipeline.delivered(),
+                    None => None,
+                };
+                if let Some(cp) = cp {
                     rt.block_on(store.save_checkpoint(&cp));
                 }
             }
-            if poller.is_some() && server.use_change_streams && last_retry.elapsed() >= retry_every
-            {
+            let polling = capturing.as_ref().is_some_and(|c| c.poller.is_some());
+            if polling && server.use_change_streams && last_retry.elapsed() >= retry_every {
                 last_retry = Instant::now();
-                if rt.block_on(store.try_fast_path(&ctx)) {
+                let cap = capturing.as_mut().expect("polling implies capturing");
+                if rt.block_on(store.try_fast_path(&cap.ctx)) {
                     // Binlog capture is live from a position before the poller's last poll:
                     // the overlap is deduplicated by version.
-                    if let Some(p) = poller.take() {
+                    if let Some(p) = cap.poller.take() {
                         p.finish_and_join();
                     }
                     status.set_mode("binlog");
                     tracing::info!("binlog capture available again: polling stopped");
-                    let _ = pipeline.sender().send(SourceMsg::Notice(Event::Mode {
+                    let _ = cap.ctx.tx.send(SourceMsg::Notice(Event::Mode {
                         source: "mysql",
                         mode: "binlog",
                         reason: "binlog capture is available: polling stopped".into(),
@@ -550,13 +684,15 @@ impl MysqlStoreThread {
                 }
             }
         }
-        // Capture stops sending; what it already sent is delivered; the final checkpoint is
-        // where the next streamer resumes.
-        ctx.stop.store(true, Relaxed);
-        if let Some(p) = poller.take() {
-            p.join();
+        // Capture stops sending; what it already sent is delivered (in bus mode: appended, and
+        // read back from the stream); the final checkpoint is where the next streamer resumes.
+        let appended = capturing.take().and_then(|c| c.stop());
+        if let Some(b) = bus.take() {
+            b.lease.stop();
+            b.consumer.stop();
         }
-        let last = pipeline.stop();
+        let delivered = pipeline.stop();
+        let last = if redis.is_some() { appended } else { delivered };
         if let Some(cp) = last {
             rt.block_on(store.save_checkpoint(&cp));
         }
@@ -578,12 +714,155 @@ impl MysqlStoreThread {
     }
 }
 
+/// Bus mode: starts capturing when this instance got the lease, stops when it lost it.
+fn take_over(
+    rt: &tokio::runtime::Runtime,
+    store: &mut Store,
+    bus: &BusLink,
+    capturing: &mut Option<Capturing>,
+    new_ctx: &dyn Fn(std::sync::mpsc::SyncSender<SourceMsg<Resume>>) -> CaptureContext,
+    fast_path: &std::result::Result<(), String>,
+    status: &SourceStatus,
+) {
+    let held = bus.lease.held();
+    let current = capturing.as_ref().map(|c| c.term);
+    let fenced = capturing
+        .as_ref()
+        .is_some_and(|c| c.appender.as_ref().is_some_and(|a| a.fenced()));
+    if current.is_some() && (fenced || held.as_ref().map(|h| h.term) != current) {
+        tracing::warn!("this instance no longer holds the capture lease: capture stopped");
+        if let Some(c) = capturing.take() {
+            c.stop();
+        }
+        bus.status.set_leader(false);
+        bus.status.term.store(0, Relaxed);
+        status.set_mode("follower");
+    }
+    let Some(h) = held else { return };
+    if capturing.is_some() {
+        return;
+    }
+    let saved = match bus.checkpoint() {
+        Ok(Some(cp)) => Some(cp),
+        Ok(None) => match rt.block_on(store.read_saved()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot read the database's checkpoint to start capture: {e}");
+                return;
+            }
+        },
+        Err(e) => {
+            tracing::warn!("cannot read the stream's checkpoint to start capture: {e}");
+            return;
+        }
+    };
+    let appender = match bus.appender(h.value.clone()) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("{e}");
+            return;
+        }
+    };
+    let ctx = new_ctx(appender.sender());
+    // The starting point goes to the stream at once: a successor resumes there even if this
+    // instance dies before any change.
+    let first_entry = saved.is_none();
+    match start_capture(rt, store, &ctx, saved, fast_path) {
+        Ok((poller, first)) => {
+            if let (true, Some(cp)) = (first_entry, first) {
+                let _ = ctx.tx.send(SourceMsg::Changes {
+                    changes: Vec::new(),
+                    checkpoint: Some(cp),
+                });
+            }
+            tracing::info!(term = h.term, "this instance captures for the stream");
+            bus.status.set_leader(true);
+            bus.status.term.store(h.term, Relaxed);
+            *capturing = Some(Capturing {
+                ctx,
+                poller,
+                appender: Some(appender),
+                term: h.term,
+            });
+        }
+        Err(e) => {
+            tracing::warn!(
+                code = e.code(),
+                "capture could not start: {e}; trying again"
+            );
+            ctx.stop.store(true, Relaxed);
+            appender.stop();
+        }
+    }
+}
+
+/// Starts capture from `saved`: binlog when possible, else polling (announced). Returns the
+/// poller when polling, and the binlog position capture starts at.
+fn start_capture(
+    rt: &tokio::runtime::Runtime,
+    store: &mut Store,
+    ctx: &CaptureContext,
+    saved: Option<(Resume, i64)>,
+    fast_path: &std::result::Result<(), String>,
+) -> Result<(Option<Polling>, Option<Resume>)> {
+    let server = &ctx.server;
+    if fast_path.is_ok() {
+        let start = rt.block_on(store.binlog_start(saved.as_ref().map(|(r, _)| r)))?;
+        let first = start.resume();
+        ctx.start_binlog(start)?;
+        // The starting point is saved at once: a streamer closed before any change still
+        // resumes here.
+        rt.block_on(store.save_checkpoint(&first));
+        if let Some((Resume::Poll { ts_us }, _)) = saved {
+            // The previous streamer polled: one catch-up poll covers the gap.
+            match ctx.start_poller(Some(ts_us), true) {
+                Ok(p) => p.finish_and_join(),
+                Err(e) => tracing::warn!("catch-up poll not started: {e}"),
+            }
+        }
+        ctx.status.set_mode("binlog");
+        return Ok((None, Some(first)));
+    }
+    let why = fast_path.clone().err().unwrap_or_default();
+    let from = match &saved {
+        Some((Resume::Poll { ts_us }, _)) => Some(*ts_us),
+        // Resuming from the binlog in polling mode: from when its checkpoint was saved (the
+        // overlap window covers the rest).
+        Some((Resume::Binlog { .. }, at)) => Some(*at),
+        None => None,
+    };
+    let poller = ctx.start_poller(from, false)?;
+    tracing::warn!(
+        "binlog capture not possible ({why}): polling every {} ms",
+        server.polling_interval_ms
+    );
+    ctx.status.set_mode("polling");
+    let unwatched = if server.capture.watch.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; rows of the watched tables ({}) are NOT delivered while polling",
+            server.capture.watch.join(", ")
+        )
+    };
+    let _ = ctx.tx.send(SourceMsg::Notice(Event::Mode {
+        source: "mysql",
+        mode: "polling",
+        reason: format!(
+            "binlog capture is not possible: {why}; polling every {} ms (intermediate versions between polls are not delivered){unwatched}",
+            server.polling_interval_ms
+        ),
+    }));
+    Ok((Some(poller), None))
+}
+
 /// What starting a capture thread needs, shared by the binlog and polling paths.
-struct CaptureContext<'a> {
+struct CaptureContext {
     info: Conninfo,
     server: ServerConfig,
     columns: Vec<String>,
-    pipeline: &'a Pipeline<Resume>,
+    /// Where capture sends: the delivery pipeline, or in bus mode the Redis appender.
+    tx: std::sync::mpsc::SyncSender<SourceMsg<Resume>>,
     status: Arc<SourceStatus>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Set at close: every capture thread stops.
@@ -609,7 +888,7 @@ impl Polling {
     }
 }
 
-impl CaptureContext<'_> {
+impl CaptureContext {
     /// Starts binlog capture from `start` and waits until the stream is live.
     fn start_binlog(&self, start: Checkpoint) -> Result<()> {
         let (live_tx, live_rx) = std::sync::mpsc::sync_channel(1);
@@ -625,7 +904,7 @@ impl CaptureContext<'_> {
             table: self.server.table.clone(),
             columns: self.columns.clone(),
             start,
-            tx: self.pipeline.sender(),
+            tx: self.tx.clone(),
             stop: self.stop.clone(),
             status: self.status.clone(),
             metrics: self.metrics.clone(),
@@ -672,7 +951,7 @@ impl CaptureContext<'_> {
             interval,
             overlap: (interval * 2).max(POLL_OVERLAP_MIN),
             start: from,
-            tx: self.pipeline.sender(),
+            tx: self.tx.clone(),
             finish: finish_flag.clone(),
             stop: self.stop.clone(),
             metrics: self.metrics.clone(),
@@ -725,7 +1004,6 @@ impl Store {
         }
         let table = self.sql.table.clone();
         let db = self.info.database.clone();
-        let name = self.checkpoint_name.clone();
         let conn = self.conn().await?;
         let columns: Vec<String> = conn
             .exec(
@@ -741,28 +1019,37 @@ impl Store {
                 )));
             }
         }
-        let saved: Option<(String, u64, i64)> = conn
+        Ok(Started {
+            facts,
+            columns,
+            saved: self.read_saved().await?,
+        })
+    }
+
+    /// The capture checkpoint saved in `<table>_checkpoint`, and when it was saved.
+    async fn read_saved(&mut self) -> Result<Option<(Resume, i64)>> {
+        let table = self.sql.table.clone();
+        let name = self.checkpoint_name.clone();
+        let saved: Option<(String, u64, i64)> = self
+            .conn()
+            .await?
             .exec_first(
                 format!("SELECT file, pos, {EPOCH_US} FROM `{table}_checkpoint` WHERE name = ?"),
                 (name,),
             )
             .await
             .map_err(|e| sql_error(e, "reading the capture checkpoint"))?;
-        Ok(Started {
-            facts,
-            columns,
-            saved: saved.map(|(file, pos, at)| {
-                let resume = if file == POLL_MARK {
-                    Resume::Poll { ts_us: pos as i64 }
-                } else {
-                    Resume::Binlog {
-                        file,
-                        pos: pos as u32,
-                    }
-                };
-                (resume, at)
-            }),
-        })
+        Ok(saved.map(|(file, pos, at)| {
+            let resume = if file == POLL_MARK {
+                Resume::Poll { ts_us: pos as i64 }
+            } else {
+                Resume::Binlog {
+                    file,
+                    pos: pos as u32,
+                }
+            };
+            (resume, at)
+        }))
     }
 
     /// Where binlog capture starts: the saved position if its file is still on the server, else
@@ -833,7 +1120,7 @@ impl Store {
 
     /// In polling mode: checks whether binlog capture has become possible and, if so, starts
     /// it from the current end of the binlog. True when binlog capture is live.
-    async fn try_fast_path(&mut self, ctx: &CaptureContext<'_>) -> bool {
+    async fn try_fast_path(&mut self, ctx: &CaptureContext) -> bool {
         // A session keeps the global privileges it had at connect: look with a new one.
         if let Some(c) = self.conn.take() {
             let _ = c.disconnect().await;
@@ -1082,5 +1369,39 @@ impl Store {
                 Completion::Got { id: *id, value }
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::BusCheckpoint;
+
+    #[test]
+    fn checkpoints_round_trip_through_redis_text() {
+        for r in [
+            Resume::Binlog {
+                file: "binlog|odd.000042".into(),
+                pos: 4_000_000_000,
+            },
+            Resume::Poll {
+                ts_us: 1_700_000_000_123_456,
+            },
+        ] {
+            let (back, at) = Resume::from_bus(&r.to_bus()).unwrap();
+            assert_eq!(back, r);
+            assert!(at > 0);
+        }
+        for bad in [
+            "",
+            "x|b|1|f",
+            "1|b|x|f",
+            "1|b|1|",
+            "1|p|x",
+            "1|q|1",
+            "1|p|1|extra",
+        ] {
+            assert!(Resume::from_bus(bad).is_none(), "{bad}");
+        }
     }
 }

@@ -1,0 +1,393 @@
+'use strict';
+// Scale-out through Redis (options.redis), against a real MariaDB (binlog on) and a real
+// redis-server, both started privately for this file. Instances run in this process and in
+// child processes (__test__/fixtures/bus-instance.js) and share one stream.
+const path = require('node:path');
+const { fork } = require('node:child_process');
+const UltimateStreamer = require('..');
+const { waitFor, rejectsWithCode } = require('./helpers');
+const { startMariaDb } = require('./mariadb');
+const { startRedis } = require('./redis');
+
+jest.setTimeout(180_000);
+
+const FIXTURE = path.join(__dirname, 'fixtures', 'bus-instance.js');
+
+let db;
+let redis;
+beforeAll(async () => {
+  db = await startMariaDb();
+  redis = await startRedis();
+});
+afterAll(async () => {
+  for (const c of children.splice(0)) c.kill();
+  if (db) await db.stop();
+  if (redis) redis.stop();
+});
+
+const streamers = [];
+const children = [];
+afterEach(async () => {
+  await Promise.all(streamers.splice(0).map((s) => s.close()));
+  await Promise.all(children.splice(0).map((c) => c.close()));
+});
+
+let streamNo = 0;
+/** A fresh stream: its own key-value table and Redis key prefix. */
+function freshStream() {
+  streamNo += 1;
+  return { table: `bus_${streamNo}_${process.pid}`, prefix: `test${streamNo}:${process.pid}:` };
+}
+
+function config(st, redisOptions = {}, options = {}) {
+  return db.config({
+    table: st.table,
+    redis: { url: redis.url, keyPrefix: st.prefix, leaseTtl: 1500, ...redisOptions },
+    ...options,
+  });
+}
+
+function make(cfg) {
+  const s = new UltimateStreamer(cfg);
+  streamers.push(s);
+  return s;
+}
+
+/** Collects change events as [type, key, version, seq]. */
+function collect(s) {
+  const changes = [];
+  const notices = [];
+  s.on('change', (e) => changes.push([e.type, e.key, e.version, e.seq]));
+  s.on('resync', (e) => notices.push({ type: 'resync', reason: e.reason }));
+  return { changes, notices };
+}
+
+/** A streamer in a child process, driven over IPC. */
+class Instance {
+  static start(cfg) {
+    const inst = new Instance(cfg);
+    children.push(inst);
+    return inst.ready;
+  }
+
+  constructor(cfg) {
+    this.pending = new Map();
+    this.nextId = 1;
+    this.exited = false;
+    this.child = fork(FIXTURE, [JSON.stringify(cfg)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    this.ready = new Promise((resolve, reject) => {
+      this.child.on('message', (m) => {
+        if (m.ready) resolve(this);
+        else if (m.initError) reject(Object.assign(new Error(m.initError.message), { code: m.initError.code }));
+        else if (this.pending.has(m.id)) {
+          const { resolve: ok, reject: fail } = this.pending.get(m.id);
+          this.pending.delete(m.id);
+          if (m.error) fail(Object.assign(new Error(m.error.message), { code: m.error.code }));
+          else ok(m);
+        }
+      });
+      this.child.on('exit', (code, signal) => {
+        this.exited = true;
+        const err = new Error(`instance exited (${code ?? signal})`);
+        reject(err);
+        for (const { reject: fail } of this.pending.values()) fail(err);
+        this.pending.clear();
+      });
+    });
+  }
+
+  call(cmd, extra = {}) {
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.child.send({ id, cmd, ...extra });
+    });
+  }
+
+  async status() {
+    return (await this.call('status')).status;
+  }
+
+  async events() {
+    return this.call('events');
+  }
+
+  kill() {
+    if (!this.exited) this.child.kill('SIGKILL');
+  }
+
+  async close() {
+    if (this.exited) return;
+    await this.call('close').catch(() => {});
+    await waitFor(() => this.exited, 'the instance to exit', 15_000).catch(() => this.kill());
+  }
+}
+
+/** Upserts like push() does, from outside (an external SQL writer). */
+function sqlUpsert(table, key, value) {
+  return db.sql(
+    `INSERT INTO \`${table}\` (k, v, version, deleted) VALUES (?, ?, 1, 0) ON DUPLICATE KEY UPDATE v = VALUES(v), version = version + 1, deleted = 0`,
+    [key, JSON.stringify(value)],
+  );
+}
+
+/** Checks that `changes` hold versions 1..perKey of each key once, in order, with growing seqs. */
+function expectExactlyOnce(changes, keys, perKey) {
+  const byKey = new Map(keys.map((k) => [k, []]));
+  for (const [, key, version] of changes) {
+    if (byKey.has(key)) byKey.get(key).push(version);
+  }
+  const want = Array.from({ length: perKey }, (_, i) => i + 1);
+  for (const [key, versions] of byKey) {
+    if (versions.length !== perKey || versions.some((v, i) => v !== want[i])) {
+      throw new Error(`key ${key}: versions ${JSON.stringify(versions)} instead of 1..${perKey} once each`);
+    }
+  }
+  for (let i = 1; i < changes.length; i++) {
+    if (!(changes[i][3] > changes[i - 1][3])) throw new Error(`seq did not grow at ${i}: ${changes[i - 1][3]} then ${changes[i][3]}`);
+  }
+}
+
+describe('configuration', () => {
+  test('options.redis is validated and needs the mysql backend', async () => {
+    const bad = [
+      [{ options: { redis: { url: redis.url } } }, /mysql backend/],
+      [db.config({ redis: {} }), /options\.redis\.url/],
+      [db.config({ redis: { url: 'http://x' } }), /redis:\/\//],
+      [db.config({ redis: { url: redis.url, nope: 1 } }), /options\.redis\.nope/],
+      [db.config({ redis: { url: redis.url, leaseTtl: 5 } }), /leaseTtl/],
+      [db.config({ redis: { url: redis.url, keyPrefix: '' } }), /keyPrefix/],
+    ];
+    for (const [cfg, msg] of bad) {
+      let err;
+      try {
+        new UltimateStreamer(cfg);
+      } catch (e) {
+        err = e;
+      }
+      expect(err && err.code).toBe('USP_INVALID_CONFIG');
+      expect(err.message).toMatch(msg);
+    }
+  });
+
+  test('an unreachable Redis fails init() fast; a refused password is never shown', async () => {
+    const st = freshStream();
+    const dead = make(config(st, { url: 'redis://127.0.0.1:1' }));
+    const t0 = Date.now();
+    await rejectsWithCode(dead.init(), 'USP_DB_UNAVAILABLE');
+    expect(Date.now() - t0).toBeLessThan(10_000);
+    // This Redis has no password: AUTH is refused.
+    const secret = 'hunter2-redis-secret';
+    const refused = make(config(st, { url: `redis://someone:${secret}@127.0.0.1:${redis.port}` }));
+    const err = await rejectsWithCode(refused.init(), 'USP_DB_ERROR');
+    expect(err.message).not.toContain(secret);
+    expect(JSON.stringify(refused.getStatus())).not.toContain(secret);
+  });
+});
+
+describe('one stream, several instances', () => {
+  test('every instance delivers every change with the same seq; a closed capturer hands over at once', async () => {
+    const st = freshStream();
+    const a = make(config(st));
+    const seenA = collect(a);
+    await a.init();
+    const b = make(config(st));
+    const seenB = collect(b);
+    await b.init();
+    expect(a.getStatus().bus.role).toBe('leader');
+    expect(b.getStatus().bus.role).toBe('follower');
+    expect(b.getStatus().mode).toBe('follower');
+    expect(a.getStatus().mode).toBe('binlog');
+
+    // Writes through either instance, and from outside.
+    expect(await b.push('k', 1)).toEqual({ key: 'k', version: 1 });
+    expect(await a.push('k', 2)).toEqual({ key: 'k', version: 2 });
+    await sqlUpsert(st.table, 'k', 3);
+    expect(await b.delete('k')).toBe(true);
+    await waitFor(() => seenA.changes.length >= 4 && seenB.changes.length >= 4, '4 changes in both instances');
+    expect(seenA.changes.map((c) => c.slice(0, 3))).toEqual([
+      ['insert', 'k', 1],
+      ['update', 'k', 2],
+      ['update', 'k', 3],
+      ['delete', 'k', 4],
+    ]);
+    expect(seenB.changes).toEqual(seenA.changes);
+    expect(b.getStatus().bus.lastSeq).toBe(seenB.changes[3][3]);
+
+    // The capturer closes: its lease is given back and the other instance captures at once.
+    const t0 = Date.now();
+    await a.close();
+    await waitFor(() => b.getStatus().bus.role === 'leader', 'the follower to take over', 5_000);
+    expect(Date.now() - t0).toBeLessThan(5_000);
+    expect(await b.push('k', 5)).toEqual({ key: 'k', version: 5 });
+    await waitFor(() => seenB.changes.length >= 5, 'the change after the takeover');
+    expect(seenB.changes[4].slice(0, 3)).toEqual(['insert', 'k', 5]);
+    expect(seenB.changes[4][3]).toBeGreaterThan(seenB.changes[3][3]);
+    expect(b.getStatus().bus.takeovers).toBe(1);
+  });
+
+  test('rows of watched tables reach every instance; watch() at run time is refused with a clear code', async () => {
+    const st = freshStream();
+    const tbl = `orders_${st.table}`;
+    await db.sql(`CREATE TABLE \`${tbl}\` (id VARCHAR(40) PRIMARY KEY, n INT, note JSON)`);
+    const cfg = config(st, {}, { mysql: { watch: [tbl] } });
+    const rows = [[], []];
+    const [a, b] = [make(cfg), make(cfg)];
+    a.on('row', (e) => rows[0].push([e.type, e.key.id, e.row && e.row.n, e.row && e.row.note, e.seq]));
+    b.on('row', (e) => rows[1].push([e.type, e.key.id, e.row && e.row.n, e.row && e.row.note, e.seq]));
+    await a.init();
+    await b.init();
+    // Keys and values with quotes, backslashes and non-ASCII travel through the stream intact.
+    const note = { a: 'é\\"' };
+    await db.sql(`INSERT INTO \`${tbl}\` VALUES (?, 1, ?), (?, 2, NULL)`, ['o"1', JSON.stringify(note), 'o\\2']);
+    await db.sql(`UPDATE \`${tbl}\` SET n = 3 WHERE id = ?`, ['o"1']);
+    await db.sql(`DELETE FROM \`${tbl}\` WHERE n = 2`);
+    await waitFor(() => rows[0].length >= 4 && rows[1].length >= 4, '4 rows in both instances');
+    expect(rows[0].map((r) => r.slice(0, 4))).toEqual([
+      ['insert', 'o"1', 1, note],
+      ['insert', 'o\\2', 2, null],
+      ['update', 'o"1', 3, note],
+      ['delete', 'o\\2', null, null],
+    ]);
+    expect(rows[1]).toEqual(rows[0]);
+    await rejectsWithCode(b.watch('anything'), 'USP_UNSUPPORTED_BACKEND');
+  });
+
+  test('a capturer killed with kill -9 mid-stream: another takes over, and 3 processes each see all 2,400 writes once, in order per key', async () => {
+    const st = freshStream();
+    const cfg = config(st);
+    const first = await Instance.start(cfg);
+    expect((await first.status()).bus.role).toBe('leader');
+    const others = [await Instance.start(cfg), await Instance.start(cfg)];
+    for (const o of others) expect((await o.status()).bus.role).toBe('follower');
+
+    const KEYS = Array.from({ length: 40 }, (_, i) => `key${i}`);
+    const PER_KEY = 60; // 2,400 writes
+    let written = 0;
+    const writer = async (slice) => {
+      for (let v = 1; v <= PER_KEY; v++) {
+        for (const key of slice) {
+          await sqlUpsert(st.table, key, { v });
+          written += 1;
+        }
+      }
+    };
+    const writing = Promise.all([0, 1, 2, 3].map((w) => writer(KEYS.filter((_, i) => i % 4 === w))));
+    await waitFor(() => written >= 800, '800 writes');
+    first.kill();
+    const killedAt = written;
+    await writing;
+    expect(killedAt).toBeLessThan(KEYS.length * PER_KEY);
+
+    let leader;
+    await waitFor(async () => {
+      const roles = await Promise.all(others.map((o) => o.status().then((s) => s.bus.role)));
+      leader = others[roles.indexOf('leader')];
+      return roles.filter((r) => r === 'leader').length === 1;
+    }, 'one surviving instance to capture', 10_000);
+    expect((await leader.status()).bus.takeovers).toBe(1);
+
+    const total = KEYS.length * PER_KEY;
+    for (const o of others) {
+      await waitFor(async () => (await o.events()).changes.length >= total, `all ${total} changes in a survivor`, 60_000);
+    }
+    const [x, y] = await Promise.all(others.map((o) => o.events()));
+    expect(x.changes.length).toBe(total);
+    expectExactlyOnce(x.changes, KEYS, PER_KEY);
+    // Same changes, same seqs, in every instance.
+    expect(y.changes).toEqual(x.changes);
+    expect(x.notices.filter((n) => n.type === 'resync')).toEqual([]);
+  });
+
+  test('Redis restart: instances report the outage, reconnect, and lose or double nothing', async () => {
+    const st = freshStream();
+    const a = make(config(st));
+    const seenA = collect(a);
+    await a.init();
+    const b = make(config(st));
+    const seenB = collect(b);
+    await b.init();
+
+    const KEYS = ['r0', 'r1', 'r2', 'r3'];
+    const PER_KEY = 150;
+    let written = 0;
+    const writing = (async () => {
+      for (let v = 1; v <= PER_KEY; v++) {
+        for (const key of KEYS) {
+          await sqlUpsert(st.table, key, v);
+          written += 1;
+        }
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    })();
+    await waitFor(() => written >= 100, '100 writes');
+    redis.kill();
+    await waitFor(
+      () => a.getStatus().bus.state === 'reconnecting' && b.getStatus().bus.state === 'reconnecting',
+      'both instances to report the outage',
+      10_000,
+    );
+    await new Promise((r) => setTimeout(r, 1000));
+    redis.restart();
+    await writing;
+    const total = KEYS.length * PER_KEY;
+    await waitFor(() => seenA.changes.length >= total && seenB.changes.length >= total, `all ${total} changes in both`, 60_000);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(seenA.changes.length).toBe(total);
+    expectExactlyOnce(seenA.changes, KEYS, PER_KEY);
+    expect(seenB.changes).toEqual(seenA.changes);
+    await waitFor(() => a.getStatus().bus.state === 'connected' && b.getStatus().bus.state === 'connected', 'both reconnected');
+    expect(seenA.notices).toEqual([]);
+    const roles = [a, b].map((s) => s.getStatus().bus.role).sort();
+    expect(roles).toEqual(['follower', 'leader']);
+  });
+});
+
+describe('bounded stream', () => {
+  test('an instance that falls behind the trim point gets a resync, then goes on', async () => {
+    const st = freshStream();
+    const leader = make(config(st, { streamMaxLen: 10 }));
+    const seen = collect(leader);
+    await leader.init();
+    expect(leader.getStatus().bus.role).toBe('leader');
+    const slow = await Instance.start(config(st, { streamMaxLen: 10 }));
+    await leader.push('before', 1);
+    await waitFor(async () => (await slow.events()).changes.length === 1, 'the first change in the slow instance');
+
+    process.kill(slow.child.pid, 'SIGSTOP');
+    try {
+      for (let i = 0; i < 60; i++) {
+        await sqlUpsert(st.table, `t${i}`, i);
+        await new Promise((r) => setTimeout(r, 3));
+      }
+      await waitFor(() => seen.changes.length >= 61, 'the leader to deliver 61 changes');
+      expect(Number(redis.cli('XLEN', `${st.prefix}stream`))).toBeLessThanOrEqual(10);
+    } finally {
+      process.kill(slow.child.pid, 'SIGCONT');
+    }
+    await waitFor(async () => (await slow.events()).notices.some((n) => n.type === 'resync'), 'a resync in the slow instance');
+    const { notices, changes } = await slow.events();
+    const resync = notices.find((n) => n.type === 'resync');
+    expect(resync.reason).toMatch(/trim point/);
+    expect((await slow.status()).bus.resyncs).toBe(1);
+    // What was still in the stream was delivered, and what comes next is too.
+    expect(changes.length).toBeLessThan(61);
+    await leader.push('after', 2);
+    await waitFor(async () => (await slow.events()).changes.some((c) => c[1] === 'after'), 'the next change in the slow instance');
+    expect(seen.notices).toEqual([]);
+  });
+
+  test('entries older than streamMaxAge are trimmed', async () => {
+    const st = freshStream();
+    const s = make(config(st, { streamMaxAge: 1000 }));
+    const seen = collect(s);
+    await s.init();
+    await s.push('a', 1);
+    await s.push('a', 2);
+    await waitFor(() => seen.changes.length === 2, '2 changes');
+    await new Promise((r) => setTimeout(r, 1200));
+    await s.push('a', 3);
+    await waitFor(() => seen.changes.length === 3, 'the third change');
+    expect(Number(redis.cli('XLEN', `${st.prefix}stream`))).toBe(1);
+  });
+});
