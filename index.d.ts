@@ -351,7 +351,11 @@ export interface StreamerStatus {
   bus: BusStatus | null;
   events: { captured: number; emitted: number; deduplicated: number; perSecond: number; batches: number; maxBatch: number; resyncs: number };
   latency: LatencyStatus;
-  cache: { enabled: boolean; hits: number; misses: number; hitRatio: number; size: number; bytes: number; maxBytes: number; ttlMs: number };
+  /** The in-process cache (L1); `l2`: the cache shared in Redis (`options.redis.cache`), counted by this instance's get() calls that missed L1. */
+  cache: {
+    enabled: boolean; hits: number; misses: number; hitRatio: number; size: number; bytes: number; maxBytes: number; ttlMs: number;
+    l2: { enabled: boolean; hits: number; misses: number; hitRatio: number; ttlMs: number };
+  };
   queues: {
     writes: { depth: number; capacity: number };
     delivery: { depth: number; capacity: number };

@@ -343,6 +343,103 @@ describe('one stream, several instances', () => {
   });
 });
 
+describe('L2 cache', () => {
+  test('get() in another instance is answered from Redis; a change invalidates the entry for every instance', async () => {
+    const st = freshStream();
+    const entry = () => redis.cli('GET', `${st.prefix}kv:x`);
+    const a = make(config(st));
+    await a.init();
+    const b = make(config(st));
+    const seenB = collect(b);
+    await b.init();
+    await a.push('x', { v: 1 });
+    // A read from the database is offered to L2; the other instance's get() is answered there.
+    expect(await a.get('x')).toEqual({ v: 1 });
+    await waitFor(() => entry() === '1|v|{"v":1}', 'the L2 entry of version 1');
+    expect(await b.get('x')).toEqual({ v: 1 });
+    expect(b.getStatus().cache.l2).toMatchObject({ enabled: true, hits: 1, misses: 0, hitRatio: 1 });
+    // B's own L1 now holds it: no second trip to Redis.
+    expect(await b.get('x')).toEqual({ v: 1 });
+    expect(b.getStatus().cache.l2.hits).toBe(1);
+
+    // A change replaces the entry with a marker of its version, in the same script that appends it.
+    await a.push('x', { v: 2 });
+    await waitFor(() => seenB.changes.length >= 1 && entry() === '2|m|', 'the marker of version 2');
+    expect(await b.get('x')).toEqual({ v: 2 }); // B's L1 was refreshed by the change itself
+    const c = make(config(st));
+    await c.init();
+    expect(await c.get('x')).toEqual({ v: 2 }); // marker: a miss, then the database
+    expect(c.getStatus().cache.l2).toMatchObject({ hits: 0, misses: 1 });
+    await waitFor(() => entry() === '2|v|{"v":2}', 'the L2 entry of version 2');
+
+    // Deletes are cached as such.
+    expect(await a.delete('x')).toBe(true);
+    await waitFor(() => entry() === '3|m|', 'the marker of the delete');
+    const d = make(config(st));
+    await d.init();
+    expect(await d.get('x')).toBeNull();
+    await waitFor(() => entry() === '3|d|', 'the L2 entry of the delete');
+    const e = make(config(st));
+    await e.init();
+    expect(await e.get('x')).toBeNull();
+    expect(e.getStatus().cache.l2).toMatchObject({ hits: 1, misses: 0 });
+
+    // /metrics has hits per level.
+    const hub = await b.listen({ port: 0 });
+    const text = await (await fetch(`http://127.0.0.1:${hub.port}/metrics`)).text();
+    expect(text).toMatch(/usp_cache_hits_total\{level="l1"\} 2\n/); // the second get of v1, and v2
+    expect(text).toMatch(/usp_cache_hits_total\{level="l2"\} 1\n/);
+  });
+
+  test('under concurrent writes and reads in three instances, every cache ends equal to the store', async () => {
+    const st = freshStream();
+    const cfg = config(st, {}, { cacheMaxBytes: 4096 }); // a tiny L1: most reads reach L2
+    const inst = [make(cfg), make(cfg), make(cfg)];
+    const seen = inst.map(collect);
+    for (const s of inst) await s.init();
+    const KEYS = Array.from({ length: 20 }, (_, i) => `c${i}`);
+    const ROUNDS = 15;
+    const deadline = Date.now() + 60_000;
+    const writes = [];
+    const reads = [];
+    for (let r = 1; r <= ROUNDS && Date.now() < deadline; r++) {
+      for (const k of KEYS) {
+        writes.push(inst[r % 2].push(k, { r, pad: 'x'.repeat(200) }));
+        reads.push(inst[2].get(k), inst[(r + 1) % 2].get(k));
+      }
+      await Promise.all(writes.splice(0));
+    }
+    await Promise.all(reads);
+    const total = KEYS.length * ROUNDS;
+    await waitFor(() => seen.every((x) => x.changes.length >= total), 'every change in every instance', 30_000);
+    const stored = new Map((await db.sql(`SELECT k, v FROM \`${st.table}\``)).map((row) => [row.k, JSON.parse(row.v)]));
+    for (const s of inst) {
+      for (const k of KEYS) expect(await s.get(k)).toEqual(stored.get(k));
+    }
+    const l2 = inst[2].getStatus().cache.l2;
+    expect(l2.hits + l2.misses).toBeGreaterThan(0);
+  });
+
+  test('with Redis down, get() is answered by the database', async () => {
+    const st = freshStream();
+    const a = make(config(st));
+    await a.init();
+    await a.push('k', 'v1');
+    const b = make(config(st));
+    await b.init();
+    redis.kill();
+    try {
+      const t0 = Date.now();
+      expect(await b.get('k')).toBe('v1');
+      expect(Date.now() - t0).toBeLessThan(8_000);
+      expect(await b.get('nope')).toBeNull();
+    } finally {
+      redis.restart();
+    }
+    await waitFor(() => a.getStatus().bus.state === 'connected' && b.getStatus().bus.state === 'connected', 'both reconnected', 15_000);
+  });
+});
+
 describe('bounded stream', () => {
   test('an instance that falls behind the trim point gets a resync, then goes on', async () => {
     const st = freshStream();

@@ -107,6 +107,10 @@ pub struct Metrics {
     pub errors_fatal: AtomicU64,
     /// counter, exceptions thrown by JavaScript listeners.
     pub listener_errors: AtomicU64,
+    /// `get()` answered by the L2 cache (Redis), count.
+    pub l2_hits: AtomicU64,
+    /// `get()` that missed L2 and went to the database, count.
+    pub l2_misses: AtomicU64,
     /// counter, resyncs (a checkpoint was lost and the source restarted from the current state).
     pub resyncs: AtomicU64,
     /// last error seen: (code, message, unix ms).
@@ -137,6 +141,8 @@ impl Metrics {
             errors_recoverable: AtomicU64::new(0),
             errors_fatal: AtomicU64::new(0),
             listener_errors: AtomicU64::new(0),
+            l2_hits: AtomicU64::new(0),
+            l2_misses: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             last_error: Mutex::new(None),
             source_position: AtomicI64::new(0),

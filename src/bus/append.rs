@@ -15,7 +15,9 @@ use super::{codec, BusCheckpoint, BusStatus, Keys};
 use crate::core::pipeline::SourceMsg;
 
 /// KEYS: lease, seq, stream, checkpoint.
-/// ARGV: lease value, expected last seq, n, kind, payload, checkpoint|'', maxlen, minid|''.
+/// ARGV: lease value, expected last seq, n, kind, payload, checkpoint|'', maxlen, minid|'',
+/// L2 ttl|'', then (L2 key, version) pairs of the key-value changes: each gets a marker (see
+/// `l2`), so no instance serves the value from before the change.
 /// Returns {0, last seq} when appended, {-1, 0} when the lease is not ours, {-2, seq} when the
 /// stream's last seq is not the one expected.
 const APPEND: &str = r"
@@ -28,6 +30,11 @@ if n > 0 then redis.call('SET', KEYS[2], last) end
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[7], '*', 'k', ARGV[4], 's', cur + 1, 'n', n, 'd', ARGV[5])
 if ARGV[6] ~= '' then redis.call('SET', KEYS[4], ARGV[6]) end
 if ARGV[8] ~= '' then redis.call('XTRIM', KEYS[3], 'MINID', ARGV[8]) end
+if ARGV[9] ~= '' then
+  for i = 10, #ARGV, 2 do
+    redis.call('SET', ARGV[i], ARGV[i + 1] .. '|m|', 'PX', ARGV[9])
+  end
+end
 return {0, last}";
 
 /// Most changes in one stream entry.
@@ -38,11 +45,13 @@ const ENTRY_MAX_BYTES: usize = 4 << 20;
 /// Attempts of an append after close was asked for (about two seconds of backoff).
 const STOP_ATTEMPTS: u32 = 6;
 
-/// Trimming of the stream.
+/// AppendOptionsming of the stream, and the L2 cache the appends invalidate.
 #[derive(Debug, Clone, Copy)]
-pub struct Trim {
+pub struct AppendOptions {
     pub max_len: u64,
     pub max_age_ms: u64,
+    /// TTL of L2 markers; 0 when the L2 cache is off.
+    pub cache_ttl_ms: u64,
 }
 
 /// One entry to append.
@@ -51,6 +60,8 @@ struct Entry<C> {
     n: u64,
     payload: String,
     checkpoint: Option<C>,
+    /// Key-value changes: (key, version), for the L2 markers.
+    kv: Vec<(std::sync::Arc<str>, u64)>,
 }
 
 /// How an append ended.
@@ -78,7 +89,7 @@ impl<C: BusCheckpoint> Appender<C> {
         client: redis::Client,
         keys: Keys,
         lease: String,
-        trim: Trim,
+        opts: AppendOptions,
         status: Arc<BusStatus>,
         capacity: usize,
         start: Option<C>,
@@ -91,7 +102,7 @@ impl<C: BusCheckpoint> Appender<C> {
             client,
             keys,
             lease,
-            trim,
+            opts,
             status,
             delivered: delivered.clone(),
             fenced: fenced.clone(),
@@ -147,7 +158,7 @@ struct Run<C> {
     client: redis::Client,
     keys: Keys,
     lease: String,
-    trim: Trim,
+    opts: AppendOptions,
     status: Arc<BusStatus>,
     delivered: Arc<Mutex<Option<C>>>,
     fenced: Arc<AtomicBool>,
@@ -177,12 +188,17 @@ impl<C: BusCheckpoint> Run<C> {
             let flush =
                 |changes: &mut Vec<_>, checkpoint: &mut Option<C>, entries: &mut Vec<Entry<C>>| {
                     if !changes.is_empty() || checkpoint.is_some() {
-                        let list: Vec<_> = std::mem::take(changes);
+                        let list: Vec<crate::event::Change> = std::mem::take(changes);
                         entries.push(Entry {
                             kind: "c",
                             n: list.len() as u64,
                             payload: codec::encode_changes(&list),
                             checkpoint: checkpoint.take(),
+                            kv: list
+                                .iter()
+                                .filter(|c| c.table.is_none())
+                                .map(|c| (c.key.clone(), c.version))
+                                .collect(),
                         });
                     }
                 };
@@ -220,6 +236,7 @@ impl<C: BusCheckpoint> Run<C> {
                             n: 0,
                             payload: reason,
                             checkpoint: cp,
+                            kv: Vec::new(),
                         });
                     }
                     SourceMsg::Notice(e) => {
@@ -231,6 +248,7 @@ impl<C: BusCheckpoint> Run<C> {
                                 n: 0,
                                 payload,
                                 checkpoint: None,
+                                kv: Vec::new(),
                             });
                         }
                     }
@@ -312,15 +330,14 @@ impl<C: BusCheckpoint> Run<C> {
                 *self.last_seq.insert(s.unwrap_or(0))
             }
         };
-        let minid = if self.trim.max_age_ms > 0 {
+        let minid = if self.opts.max_age_ms > 0 {
             let now_ms = (crate::event::now_us() / 1000) as u64;
-            format!("{}-0", now_ms.saturating_sub(self.trim.max_age_ms))
+            format!("{}-0", now_ms.saturating_sub(self.opts.max_age_ms))
         } else {
             String::new()
         };
-        let r: (i64, u64) = self
-            .script
-            .key(&self.keys.lease)
+        let mut inv = self.script.prepare_invoke();
+        inv.key(&self.keys.lease)
             .key(&self.keys.seq)
             .key(&self.keys.stream)
             .key(&self.keys.checkpoint)
@@ -330,9 +347,17 @@ impl<C: BusCheckpoint> Run<C> {
             .arg(e.kind)
             .arg(&e.payload)
             .arg(cp)
-            .arg(self.trim.max_len)
-            .arg(minid)
-            .invoke(conn)?;
+            .arg(self.opts.max_len)
+            .arg(minid);
+        if self.opts.cache_ttl_ms > 0 && !e.kv.is_empty() {
+            inv.arg(self.opts.cache_ttl_ms);
+            for (key, version) in &e.kv {
+                inv.arg(format!("{}{key}", self.keys.kv)).arg(*version);
+            }
+        } else {
+            inv.arg("");
+        }
+        let r: (i64, u64) = inv.invoke(conn)?;
         Ok(Some(match r {
             (0, last) => {
                 self.last_seq = Some(last);

@@ -12,6 +12,7 @@
 pub mod append;
 pub mod codec;
 pub mod consume;
+pub mod l2;
 pub mod lease;
 
 use serde_json::{json, Value};

@@ -36,6 +36,8 @@ struct Running {
     source: Option<Arc<SourceStatus>>,
     /// Role and Redis links in bus mode (`options.redis`).
     bus: Option<Arc<crate::bus::BusStatus>>,
+    /// The cache shared in Redis (`options.redis.cache`).
+    l2: Option<Arc<crate::bus::l2::L2>>,
 }
 
 /// One streamer's engine.
@@ -158,6 +160,27 @@ impl Engine {
         let ready = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
         let on_panic = completions.clone();
+        let l2 = match cfg
+            .redis
+            .as_ref()
+            .filter(|r| r.cache && core.cache.is_some())
+        {
+            Some(r) => {
+                let l2 = crate::bus::l2::L2::start(crate::bus::l2::L2Context {
+                    client: crate::bus::client(r)?,
+                    keys: crate::bus::Keys::new(&r.key_prefix),
+                    ttl_ms: r.cache_ttl_ms,
+                    core: core.clone(),
+                    completions: completions.clone(),
+                    ops: ops_tx.clone(),
+                })
+                .map_err(|e| Error::Internal(format!("cannot start the L2 cache thread: {e}")))?;
+                let l2 = Arc::new(l2);
+                core.set_l2(Some(l2.clone()));
+                Some(l2)
+            }
+            None => None,
+        };
         let batch = BatchOptions {
             batch_size: cfg.batch_size,
             batch_timeout: Duration::from_millis(cfg.batch_timeout_ms),
@@ -235,6 +258,7 @@ impl Engine {
             connected,
             source,
             bus,
+            l2,
         });
         Ok(())
     }
@@ -341,6 +365,11 @@ impl Engine {
                     if let Some(hit) = r.core.cache.as_ref().and_then(|c| c.get(key)) {
                         return Ok(Lookup::Hit(hit.value));
                     }
+                    if let Some(l2) = &r.l2 {
+                        if l2.lookup(id, key.into()) {
+                            return Ok(Lookup::Pending);
+                        }
+                    }
                 }
             }
         }
@@ -367,6 +396,14 @@ impl Engine {
         match std::mem::replace(&mut *st, State::Closed) {
             State::Created | State::Closed => Ok(true),
             State::Running(r) => {
+                if let Some(l2) = r.l2.clone() {
+                    // Its queued lookups go to the store before the shutdown below, or are
+                    // refused there after it; Redis may be slow to answer, so not on this thread.
+                    r.core.set_l2(None);
+                    let _ = std::thread::Builder::new()
+                        .name("usp-l2-stop".into())
+                        .spawn(move || l2.stop());
+                }
                 // Blocking send: the store thread never waits on JavaScript, so room frees up.
                 self.metrics.write_queue_depth.fetch_add(1, Relaxed);
                 if r.ops.send(Op::Shutdown { id }).is_err() {
@@ -419,15 +456,27 @@ impl Engine {
         };
         drop(st);
         let c = &self.config;
+        let l2_json = {
+            let enabled = c.redis.as_ref().is_some_and(|r| r.cache) && c.enable_cache;
+            let (hits, misses) = (m.l2_hits.load(Relaxed), m.l2_misses.load(Relaxed));
+            let ratio = if hits + misses > 0 {
+                hits as f64 / (hits + misses) as f64
+            } else {
+                0.0
+            };
+            json!({ "enabled": enabled, "hits": hits, "misses": misses, "hitRatio": ratio,
+                    "ttlMs": c.redis.as_ref().map_or(0, |r| r.cache_ttl_ms) })
+        };
         let cache = match core.as_ref().and_then(|c| c.cache.as_ref()) {
             Some(cache) => {
                 let s = cache.stats();
                 json!({ "enabled": true, "hits": s.hits, "misses": s.misses, "hitRatio": s.hit_ratio,
-                        "size": s.size, "bytes": s.bytes, "maxBytes": s.max_bytes, "ttlMs": c.cache_ttl_ms })
+                        "size": s.size, "bytes": s.bytes, "maxBytes": s.max_bytes, "ttlMs": c.cache_ttl_ms,
+                        "l2": l2_json })
             }
             None => {
                 json!({ "enabled": c.enable_cache, "hits": 0, "misses": 0, "hitRatio": 0.0, "size": 0,
-                             "bytes": 0, "maxBytes": c.cache_max_bytes, "ttlMs": c.cache_ttl_ms })
+                             "bytes": 0, "maxBytes": c.cache_max_bytes, "ttlMs": c.cache_ttl_ms, "l2": l2_json })
             }
         };
         let lat = m.latency();

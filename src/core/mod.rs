@@ -24,6 +24,11 @@ pub trait Publisher: Send + Sync {
     fn publish(&self, changes: &[Arc<Change>]);
 }
 
+/// The cache shared by instances (L2, Redis): offered what the store reads.
+pub trait L2Sink: Send + Sync {
+    fn offer(&self, key: Arc<str>, entry: CacheEntry);
+}
+
 /// Shared state between the source thread, the batcher and the API.
 pub struct Core {
     // Held only for the few map operations of one ingest call.
@@ -33,6 +38,7 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     queue_size: usize,
     publisher: RwLock<Option<Arc<dyn Publisher>>>,
+    l2: RwLock<Option<Arc<dyn L2Sink>>>,
 }
 
 impl Core {
@@ -51,6 +57,7 @@ impl Core {
             metrics,
             queue_size,
             publisher: RwLock::new(None),
+            l2: RwLock::new(None),
         }
     }
 
@@ -130,8 +137,22 @@ impl Core {
         admitted.into_iter().map(Event::Change).collect()
     }
 
-    /// Fills the cache after a store read, unless a newer change of the key was already seen.
+    /// Attaches (or detaches) the L2 cache.
+    pub fn set_l2(&self, l2: Option<Arc<dyn L2Sink>>) {
+        *self.l2.write().unwrap_or_else(|p| p.into_inner()) = l2;
+    }
+
+    /// Fills the caches after a store read: L2 compares versions itself; L1 is filled unless a
+    /// newer change of the key was already seen.
     pub fn fill_cache(&self, key: Arc<str>, entry: CacheEntry) {
+        if let Some(l2) = &*self.l2.read().unwrap_or_else(|p| p.into_inner()) {
+            l2.offer(key.clone(), entry.clone());
+        }
+        self.fill_l1(key, entry);
+    }
+
+    /// Fills the in-process cache only (after an L2 hit).
+    pub fn fill_l1(&self, key: Arc<str>, entry: CacheEntry) {
         if let Some(cache) = &self.cache {
             let newer_seen = {
                 let seq = self.sequencer.lock().unwrap_or_else(|p| p.into_inner());

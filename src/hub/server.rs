@@ -635,6 +635,21 @@ fn metrics_text(shared: &Shared) -> String {
         "Clients closed for malformed or oversized messages.",
         n(h.bad_messages.load(Relaxed)),
     );
+    // get() answered per cache level: l1 in-process, l2 Redis (options.redis.cache).
+    let (l1_hits, l1_misses) = shared.core.cache.as_ref().map_or((0, 0), |c| {
+        let s = c.stats();
+        (s.hits, s.misses)
+    });
+    let _ = writeln!(
+        out,
+        "# HELP usp_cache_hits_total get() calls answered by a cache level (l1 in-process, l2 Redis).\n# TYPE usp_cache_hits_total counter\nusp_cache_hits_total{{level=\"l1\"}} {l1_hits}\nusp_cache_hits_total{{level=\"l2\"}} {}",
+        e.l2_hits.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP usp_cache_misses_total get() calls a cache level could not answer.\n# TYPE usp_cache_misses_total counter\nusp_cache_misses_total{{level=\"l1\"}} {l1_misses}\nusp_cache_misses_total{{level=\"l2\"}} {}",
+        e.l2_misses.load(Relaxed)
+    );
     // Commit → JavaScript hand-off latency as a histogram (seconds, cumulative buckets).
     const BOUNDS_US: [u64; 12] = [
         100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,

@@ -398,9 +398,14 @@ impl BusLink {
             self.client.clone(),
             self.keys.clone(),
             lease,
-            crate::bus::append::Trim {
+            crate::bus::append::AppendOptions {
                 max_len: self.cfg.stream_max_len,
                 max_age_ms: self.cfg.stream_max_age_ms,
+                cache_ttl_ms: if self.cfg.cache {
+                    self.cfg.cache_ttl_ms
+                } else {
+                    0
+                },
             },
             self.status.clone(),
             PIPELINE_CAPACITY,
