@@ -4,10 +4,8 @@
 // itself and resumes from its last seq, so every event arrives once and in order; past the
 // history ring it reports a gap.
 const net = require('node:net');
-const path = require('node:path');
-const { spawn } = require('node:child_process');
 const UltimateStreamer = require('..');
-const { waitFor } = require('./helpers');
+const { waitFor, startHubClient } = require('./helpers');
 
 jest.setTimeout(60_000);
 
@@ -48,43 +46,11 @@ async function proxy(port) {
   };
 }
 
-/** Starts the client script; `lines` fills with what it prints. */
+/** Starts the client script (stopped after the test). */
 function runClient(url, channels) {
-  const child = spawn(process.execPath, [path.join(__dirname, 'fixtures', 'hub-client.mjs'), url, channels.join(',')], {
-    cwd: path.join(__dirname, '..'),
-    stdio: ['pipe', 'pipe', 'pipe'],
-  });
-  const lines = [];
-  let buf = '';
-  let stderr = '';
-  child.stdout.on('data', (d) => {
-    buf += d;
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      lines.push(buf.slice(0, i));
-      buf = buf.slice(i + 1);
-    }
-  });
-  child.stderr.on('data', (d) => (stderr += d));
-  cleanup.push(async () => {
-    child.stdin.end();
-    await new Promise((r) => {
-      const t = setTimeout(() => {
-        child.kill('SIGKILL');
-        r();
-      }, 3000);
-      child.on('exit', () => {
-        clearTimeout(t);
-        r();
-      });
-    });
-  });
-  return {
-    lines,
-    stderr: () => stderr,
-    events: () => lines.filter((l) => l.startsWith('event ')).map((l) => Number(l.split(' ')[1])),
-    count: (prefix) => lines.filter((l) => l.startsWith(prefix)).length,
-  };
+  const c = startHubClient(url, channels);
+  cleanup.push(() => c.stop());
+  return c;
 }
 
 async function streamer(options = {}) {

@@ -109,4 +109,57 @@ function holdWriteLock(file, ms) {
   });
 }
 
-module.exports = { sqliteExternal, holdWriteLock, ROOT, tmpDir, tmpDb, waitFor, runNode, rejectsWithCode, throwsWithCode };
+/**
+ * Runs the browser client (fixtures/hub-client.mjs, the `ws` package as WebSocket) in a child
+ * process on `url` (several instance URLs joined by commas); `lines` fills with what it prints.
+ */
+function startHubClient(url, channels) {
+  const child = spawn(process.execPath, [path.join(__dirname, 'fixtures', 'hub-client.mjs'), url, channels.join(',')], {
+    cwd: ROOT,
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  const lines = [];
+  let buf = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      lines.push(buf.slice(0, i));
+      buf = buf.slice(i + 1);
+    }
+  });
+  child.stderr.on('data', (d) => (stderr += d));
+  return {
+    lines,
+    stderr: () => stderr,
+    events: () => lines.filter((l) => l.startsWith('event ')).map((l) => Number(l.split(' ')[1])),
+    count: (prefix) => lines.filter((l) => l.startsWith(prefix)).length,
+    stop() {
+      child.stdin.end();
+      return new Promise((r) => {
+        const t = setTimeout(() => {
+          child.kill('SIGKILL');
+          r();
+        }, 3000);
+        child.on('exit', () => {
+          clearTimeout(t);
+          r();
+        });
+      });
+    },
+  };
+}
+
+module.exports = {
+  sqliteExternal,
+  holdWriteLock,
+  ROOT,
+  tmpDir,
+  tmpDb,
+  waitFor,
+  runNode,
+  rejectsWithCode,
+  throwsWithCode,
+  startHubClient,
+};

@@ -5,7 +5,8 @@
 const path = require('node:path');
 const { fork } = require('node:child_process');
 const UltimateStreamer = require('..');
-const { waitFor, rejectsWithCode } = require('./helpers');
+const WebSocket = require('ws');
+const { waitFor, rejectsWithCode, startHubClient } = require('./helpers');
 const { startMariaDb } = require('./mariadb');
 const { startRedis } = require('./redis');
 
@@ -340,6 +341,65 @@ describe('one stream, several instances', () => {
     expect(seenA.notices).toEqual([]);
     const roles = [a, b].map((s) => s.getStatus().bus.role).sort();
     expect(roles).toEqual(['follower', 'leader']);
+  });
+});
+
+describe('resume anywhere', () => {
+  test('a browser client whose instance goes away resumes on another one from its last seq', async () => {
+    const st = freshStream();
+    const a = make(config(st));
+    await a.init();
+    const hubA = await a.listen({ port: 0 });
+    const b = make(config(st));
+    await b.init();
+    const hubB = await b.listen({ port: 0 });
+    const c = startHubClient([hubA.url, hubB.url].join(','), ['kv:*']);
+    try {
+      await waitFor(() => c.count('subscribed') === 1, `the client to subscribe on A (${c.stderr()})`);
+      for (let i = 1; i <= 30; i++) await b.push(`k${i % 5}`, i);
+      await waitFor(() => c.events().length === 30, '30 events through A');
+      // A goes away: its clients are closed, and the client tries the next URL.
+      await a.close();
+      for (let i = 31; i <= 60; i++) await b.push(`k${i % 5}`, i);
+      await waitFor(() => c.count('open') === 2, 'the client to reconnect to B');
+      await waitFor(() => c.events().length >= 60, 'all 60 events', 20_000);
+      await new Promise((r) => setTimeout(r, 200));
+      const seqs = c.events();
+      expect(seqs.length).toBe(60);
+      for (let i = 1; i < seqs.length; i++) expect(seqs[i]).toBeGreaterThan(seqs[i - 1]);
+      expect(c.count('gap')).toBe(0);
+    } finally {
+      await c.stop();
+    }
+  });
+
+  test('an instance that joined later answers a resume from before it with a gap, then replays what it holds', async () => {
+    const st = freshStream();
+    const a = make(config(st));
+    const seen = collect(a);
+    await a.init();
+    for (let i = 1; i <= 10; i++) await a.push(`k${i}`, i);
+    await waitFor(() => seen.changes.length === 10, '10 changes');
+    const firstSeq = seen.changes[0][3];
+    const late = make(config(st));
+    await late.init();
+    const hub = await late.listen({ port: 0 });
+    for (let i = 11; i <= 15; i++) await a.push(`k${i}`, i);
+    await waitFor(() => late.getStatus().history.size === 5, 'the late instance to hold 5 events');
+    const ws = new WebSocket(hub.url);
+    const frames = [];
+    ws.on('message', (d) => frames.push(JSON.parse(d.toString())));
+    await new Promise((r, j) => ws.once('open', r).once('error', j));
+    try {
+      ws.send(JSON.stringify({ type: 'subscribe', channels: ['kv:*'], since: firstSeq + 2 }));
+      await waitFor(() => frames.filter((f) => f.type === 'events').flatMap((f) => f.events).length === 5, 'the replay of 5 events');
+      const gap = frames.find((f) => f.type === 'gap');
+      expect(gap).toMatchObject({ from: firstSeq + 3, to: firstSeq + 9 });
+      const replayed = frames.filter((f) => f.type === 'events').flatMap((f) => f.events);
+      expect(replayed.map((e) => e.seq)).toEqual(seen.changes.slice(10).map((c) => c[3]));
+    } finally {
+      ws.terminate();
+    }
   });
 });
 

@@ -39,7 +39,8 @@ export interface ClientOptions {
 export type ClientState = 'connecting' | 'open' | 'reconnecting' | 'closed';
 
 export declare class StreamClient {
-  constructor(url: string, options?: ClientOptions);
+  /** `url`: the hub's ws:// or wss:// URL, or the URLs of several instances of one Redis-backed stream (each reconnect tries the next). */
+  constructor(url: string | string[], options?: ClientOptions);
   /** The last event seq received; a reconnect resumes after it. */
   readonly lastSeq: number;
   readonly state: ClientState;
@@ -59,5 +60,6 @@ export declare class StreamClient {
   close(): void;
 }
 
-export declare function connect(url: string, options?: ClientOptions): StreamClient;
+/** Opens a client on `url`, or on the first of several instance URLs (each reconnect tries the next, resuming from the last seq). */
+export declare function connect(url: string | string[], options?: ClientOptions): StreamClient;
 export default connect;

@@ -8,12 +8,16 @@
 //   const stream = connect('ws://localhost:8080/stream', { channels: ['kv:price:*'] });
 //   stream.on('change', (e) => render(e.key, e.data));
 //   stream.on('gap', (g) => reloadEverything());
+//
+// With several instances serving one stream (options.redis), give their URLs as an array: each
+// reconnect tries the next one and resumes there (the instances share the seq numbering).
 
 const PROTOCOL = 1;
 
 /** A connection to the hub that survives disconnects. */
 export class StreamClient {
-  #url;
+  #urls;
+  #urlIndex = 0;
   #options;
   #ws = null;
   #channels = new Set();
@@ -26,10 +30,11 @@ export class StreamClient {
   #nextId = 1;
 
   constructor(url, options = {}) {
-    if (typeof url !== 'string' || !/^wss?:\/\//.test(url)) {
-      throw new TypeError(`connect(url): url must start with ws:// or wss://, got ${String(url)}`);
+    const urls = Array.isArray(url) ? url : [url];
+    if (urls.length === 0 || urls.some((u) => typeof u !== 'string' || !/^wss?:\/\//.test(u))) {
+      throw new TypeError(`connect(url): url must start with ws:// or wss:// (or be an array of such URLs), got ${String(url)}`);
     }
-    this.#url = url;
+    this.#urls = urls;
     this.#options = {
       minDelay: 250,
       maxDelay: 10_000,
@@ -130,7 +135,7 @@ export class StreamClient {
 
   async #connect() {
     if (this.#closed) return;
-    let url = this.#url;
+    let url = this.#urls[this.#urlIndex % this.#urls.length];
     try {
       const token = await this.#token();
       if (token) url += (url.includes('?') ? '&' : '?') + 'token=' + encodeURIComponent(token);
@@ -153,6 +158,7 @@ export class StreamClient {
 
   #retry() {
     this.#setState('reconnecting');
+    this.#urlIndex += 1;
     const { minDelay, maxDelay } = this.#options;
     const cap = Math.min(maxDelay, minDelay * 2 ** Math.min(this.#attempt, 20));
     this.#attempt += 1;
@@ -203,7 +209,7 @@ export class StreamClient {
   }
 }
 
-/** Opens a client; see `StreamClient`. */
+/** Opens a client on `url` (or an array of instance URLs, tried in turn); see `StreamClient`. */
 export function connect(url, options) {
   return new StreamClient(url, options);
 }

@@ -56,6 +56,11 @@ impl History {
         self.last
     }
 
+    /// Seqs up to `seq` were handed out before this ring existed (and are not held).
+    pub fn continue_after(&mut self, seq: u64) {
+        self.last = self.last.max(seq);
+    }
+
     pub fn push(&mut self, seq: u64, e: Event) {
         self.last = self.last.max(seq);
         let size = size_of(&e);
@@ -158,6 +163,28 @@ mod tests {
             } => {
                 assert_eq!(to as usize, 100 - h.len());
                 assert_eq!(events.len(), h.len());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_ring_started_mid_stream_reports_what_came_before_as_a_gap() {
+        let mut h = History::new(10, 1 << 20);
+        h.continue_after(50);
+        assert_eq!(
+            h.since(40, h.last()),
+            Replay::Gap {
+                from: 41,
+                to: 50,
+                events: vec![]
+            }
+        );
+        assert_eq!(h.since(50, h.last()), Replay::Events(vec![]));
+        h.push(51, ev(51));
+        match h.since(45, h.last()) {
+            Replay::Gap { from, to, events } => {
+                assert_eq!((from, to, events.len()), (46, 50, 1));
             }
             other => panic!("{other:?}"),
         }

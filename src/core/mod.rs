@@ -164,6 +164,19 @@ impl Core {
         }
     }
 
+    /// Continues the seq numbering after `seq` (an instance joining a Redis-backed stream
+    /// there): a client resuming before it gets a gap, not silence.
+    pub fn start_at(&self, seq: u64) {
+        self.sequencer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .continue_after(seq);
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .continue_after(seq);
+    }
+
     /// The last global seq handed out.
     pub fn last_seq(&self) -> u64 {
         self.sequencer

@@ -88,6 +88,11 @@ impl Sequencer {
         self.versions.peek(key).copied()
     }
 
+    /// The next seq handed out is at least `seq + 1`.
+    pub fn continue_after(&mut self, seq: u64) {
+        self.next_seq = self.next_seq.max(seq + 1);
+    }
+
     /// The last global sequence number handed out (0 if none).
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1

@@ -354,6 +354,7 @@ impl BusLink {
         cfg: &crate::config::RedisConfig,
         status: Arc<crate::bus::BusStatus>,
         tx: std::sync::mpsc::SyncSender<SourceMsg<Resume>>,
+        core: &Core,
     ) -> Result<BusLink> {
         let client = crate::bus::client(cfg)?;
         let keys = crate::bus::Keys::new(&cfg.key_prefix);
@@ -361,6 +362,7 @@ impl BusLink {
         let from = crate::bus::consume::snapshot(&mut conn, &keys)
             .map_err(|e| crate::bus::init_error(&e, cfg))?;
         drop(conn);
+        core.start_at(from.1);
         let thread_err = |e: std::io::Error| Error::Internal(format!("Redis bus thread: {e}"));
         let consumer = crate::bus::consume::Consumer::start(
             client.clone(),
@@ -529,7 +531,7 @@ impl MysqlStoreThread {
         let mut bus: Option<BusLink> = None;
         match (&redis, &bus_status) {
             (Some(cfg), Some(bs)) => {
-                match BusLink::open(cfg, bs.clone(), pipeline.sender()) {
+                match BusLink::open(cfg, bs.clone(), pipeline.sender(), &core) {
                     Ok(b) => bus = Some(b),
                     Err(e) => {
                         pipeline.stop();
