@@ -1,7 +1,7 @@
 //! The L2 cache: values read from the database, shared by the instances of a stream in Redis,
 //! behind each instance's in-process cache (L1). `get()` misses L1 → one MGET for what is
 //! waiting → a hit settles the call (and fills L1); a miss goes on to the database, whose
-//! answer is offered back to L2.
+//! answer is offered back to L2 (on a second thread and connection).
 //!
 //! Entries are `<version>|<flag>|<json>`: flag `v` a value, `d` deleted, `m` a marker. Every
 //! change appended to the bus overwrites its key with a marker of its version (see `append`),
@@ -80,13 +80,17 @@ pub fn decode(s: &str) -> Option<CacheEntry> {
 }
 
 /// The L2 cache of one streamer: a thread, and the channel to it.
+/// Two threads, each with its own connection: lookups never wait behind offers (whose writes
+/// Redis may fsync before answering).
 pub struct L2 {
-    tx: SyncSender<Req>,
+    lookups: SyncSender<Req>,
+    offers: SyncSender<Req>,
     stop: Arc<AtomicBool>,
-    handle: std::sync::Mutex<Option<JoinHandle<()>>>,
+    handles: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// What the L2 thread needs.
+/// What the L2 threads need.
+#[derive(Clone)]
 pub struct L2Context {
     pub client: redis::Client,
     pub keys: Keys,
@@ -99,35 +103,44 @@ pub struct L2Context {
 
 impl L2 {
     pub fn start(ctx: L2Context) -> std::io::Result<L2> {
-        let (tx, rx) = sync_channel(QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("usp-redis-l2".into())
-            .spawn(move || run(ctx, rx, s))?;
+        let mut handles = Vec::new();
+        let mut spawn = |name: &str| -> std::io::Result<SyncSender<Req>> {
+            let (tx, rx) = sync_channel(QUEUE);
+            let (c, s) = (ctx.clone(), stop.clone());
+            handles.push(
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || run(c, rx, s))?,
+            );
+            Ok(tx)
+        };
+        let lookups = spawn("usp-redis-l2-get")?;
+        let offers = spawn("usp-redis-l2-put")?;
         Ok(L2 {
-            tx,
+            lookups,
+            offers,
             stop,
-            handle: std::sync::Mutex::new(Some(handle)),
+            handles: std::sync::Mutex::new(handles),
         })
     }
 
     /// Looks `key` up; settles `id` from L2 or hands it to the store. False when the L2 queue
     /// is full (the caller asks the store itself).
     pub fn lookup(&self, id: u32, key: Arc<str>) -> bool {
-        self.tx.try_send(Req::Lookup { id, key }).is_ok()
+        self.lookups.try_send(Req::Lookup { id, key }).is_ok()
     }
 
     /// Offers a value read from the database (dropped when the queue is full).
     pub fn offer(&self, key: Arc<str>, entry: CacheEntry) {
-        let _ = self.tx.try_send(Req::Offer { key, entry });
+        let _ = self.offers.try_send(Req::Offer { key, entry });
     }
 
-    /// Stops the thread; lookups still queued go to the store.
+    /// Stops the threads; lookups still queued go to the store.
     pub fn stop(&self) {
         self.stop.store(true, Relaxed);
-        let h = self.handle.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = h {
+        let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in handles {
             let _ = h.join();
         }
     }
