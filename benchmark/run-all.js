@@ -22,6 +22,10 @@ const BENCHMARKS = [
   // A server process and the Rust load generator per run, about 3 minutes (--budget=300 s), plus
   // building the load generator on first use (about 30 s); SIGTERM so it stops its children.
   { name: 'fanout', file: path.join(__dirname, 'fanout.js'), timeoutMs: 420_000, killSignal: 'SIGTERM' },
+  // Starts its own MariaDB and Redis and up to 3 instance processes plus 3 load generators per
+  // run (--budget=400 s, plus building the load generator if fanout.js has not); SIGTERM so it
+  // stops its children and servers.
+  { name: 'redis', file: path.join(__dirname, 'redis.js'), timeoutMs: 540_000, killSignal: 'SIGTERM' },
 ];
 const CHILD_TIMEOUT_MS = 150_000; // a child that runs longer than this (or its own timeoutMs) is stopped and reported
 
