@@ -288,7 +288,7 @@ export interface SourceStatus {
   reconnects: number;
   /** What init() found. MySQL: version, flavor, logBin, binlogFormat, binlogRowImage, binlogRowMetadata, replicationGrants. MongoDB: version, topology, setName, maxWireVersion, replicaSetOrSharded. */
   server: Record<string, unknown>;
-  /** The last transaction boundary captured, e.g. 'binlog.000003:1234'. */
+  /** MySQL: the last transaction boundary captured, e.g. 'binlog.000003:1234'. MongoDB: the saved checkpoint, '<collection>@<end of its resume token>' per change stream (comma-separated), or 'poll@<ms>' when polling. '' until known. */
   position: string;
 }
 

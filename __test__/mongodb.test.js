@@ -86,6 +86,9 @@ describe('store contract and change streams', () => {
     expect(await s.delete('nope')).toBe(false);
 
     await waitFor(() => seen.count() >= 6, '6 change events');
+    // The saved checkpoint shows in status: the KV collection's stream and the end of its token.
+    await waitFor(() => s.getStatus().source.position !== '', 'a saved checkpoint in status', 5_000);
+    expect(s.getStatus().source.position).toMatch(/^usp_kv@\w+/);
     // In order per key (different keys of one batch may interleave differently).
     const perKey = (k) => seen.events.filter((e) => e.key === k).map((e) => [e.type, e.version, e.data]);
     expect(perKey('a')).toEqual([

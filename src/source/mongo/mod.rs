@@ -72,6 +72,23 @@ impl Checkpoint for Resume {
 }
 
 impl Resume {
+    /// For status: `<collection>@<end of its token>` per stream, or `poll@<ms>`.
+    fn describe(&self) -> String {
+        match self {
+            Resume::Streams(t) => t
+                .iter()
+                .map(|(coll, tok)| {
+                    let data = tok.get_str("_data").unwrap_or("");
+                    let skip = data.chars().count().saturating_sub(16);
+                    let tail: String = data.chars().skip(skip).collect();
+                    format!("{coll}@{tail}")
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            Resume::Poll { ts_ms } => format!("poll@{ts_ms}"),
+        }
+    }
+
     fn token(&self, coll: &str) -> Option<Document> {
         match self {
             Resume::Streams(t) => t.get(coll).cloned(),
@@ -241,6 +258,8 @@ struct Store {
     core: Arc<Core>,
     checkpoint_name: String,
     saved: Option<Resume>,
+    /// Shows the saved checkpoint (`getStatus().source.position`).
+    status: Arc<SourceStatus>,
 }
 
 /// A validated write of one call: a value (`Some`) or a delete (`None`).
@@ -302,6 +321,7 @@ impl MongoStoreThread {
             core: core.clone(),
             checkpoint_name: server.capture.checkpoint_name.clone(),
             saved: None,
+            status: status.clone(),
         };
         let facts = match rt.block_on(server_facts(&client)) {
             Ok(f) => f,
@@ -824,7 +844,10 @@ impl Store {
             .upsert(true)
             .await;
         match r {
-            Ok(_) => self.saved = Some(cp.clone()),
+            Ok(_) => {
+                self.status.set_position(cp.describe());
+                self.saved = Some(cp.clone());
+            }
             Err(e) => {
                 let e = mongo_error(e, "saving the checkpoint");
                 tracing::warn!(code = e.code(), "capture checkpoint not saved: {e}");
