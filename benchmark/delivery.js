@@ -20,12 +20,15 @@
 
 const { spawn } = require('node:child_process');
 const {
+  wallMs,
   median,
   fmt,
   printTable,
   tempDbPath,
   removeDb,
   runMain,
+  printProblems,
+  secondsSince,
   writeResult,
   machineFacts,
   loadStreamer,
@@ -34,6 +37,7 @@ const {
   numberArg,
   waitFor,
   sleep,
+  runBudget,
 } = require('./common');
 
 const N = Math.floor(numberArg('rows', 200_000));
@@ -49,10 +53,6 @@ const MODES = [
   { name: 'per-event', label: "per-event (batchSize 1), 'change' listener", batchSize: 1, listener: 'change', maxInFlightBatches: 1024 },
   { name: 'batch-only', label: "batched (batchSize 1000), 'batch' listener only", batchSize: 1000, listener: 'batch' },
 ];
-
-function wallMs() {
-  return performance.timeOrigin + performance.now();
-}
 
 /** Inserts the N rows from a child process; resolves with its commit time (wall clock, ms). */
 function insertInChild(dbPath) {
@@ -181,19 +181,14 @@ async function main() {
   const problems = [];
   const broken = new Set();
   const skipped = [];
-  const longest = {};
-  const t0 = Date.now();
+  const budget = runBudget(BUDGET_MS, skipped, 10);
   for (let r = 1; r <= ROUNDS; r++) {
     for (const mode of MODES) {
       if (broken.has(mode.name)) continue;
-      if (r > 1 && Date.now() - t0 + (longest[mode.name] || 0) > BUDGET_MS) {
-        skipped.push(`round ${r} ${mode.name}`);
-        console.log(`  round ${r} ${mode.name.padEnd(10)} skipped: the time budget of ${BUDGET_MS / 1000} s would be exceeded`);
-        continue;
-      }
+      if (budget.skip(mode.name, r)) continue;
       const runStart = Date.now();
       const res = await runOnce(UltimateStreamer, mode);
-      longest[mode.name] = Math.max(longest[mode.name] || 0, Date.now() - runStart);
+      budget.record(mode.name, runStart);
       res.round = r;
       rounds.push(res);
       console.log(
@@ -253,16 +248,13 @@ async function main() {
     { metric: "ratio 'batch' listener only / per-event", value: ratioBatchOnly, unit: 'x' },
   ];
 
-  if (problems.length) {
-    console.log('\nPROBLEMS:');
-    for (const p of problems) console.log(`  - ${p}`);
-  }
+  printProblems(problems);
 
   const file = writeResult('delivery', {
     name: 'delivery',
     command,
     date: startedAt.toISOString(),
-    durationSec: Math.round((Date.now() - startedAt.getTime()) / 100) / 10,
+    durationSec: secondsSince(startedAt),
     machine,
     config: { rows: N, rounds: ROUNDS, timeoutSec: TIMEOUT_MS / 1000, budgetSec: BUDGET_MS / 1000, modes: MODES },
     ok: problems.length === 0,

@@ -7,10 +7,11 @@
 //   1. A fresh server process (a child Node process forked from this script, nothing else in it)
 //      starts the server on 127.0.0.1 and a free port.
 //   2. The load generator (benchmark/loadgen, a small Rust program built by this script on first
-//      use) starts as another process and opens CLIENTS WebSocket connections (64 at a time), each
-//      brought to the point where it receives the broadcast: `usp` subscribes to `kv:*` and waits
-//      for `subscribed`; socket.io joins the default namespace; `ws` and uWS need the handshake
-//      only. It prints `ready`; then the server is asked how many clients it has (must be CLIENTS).
+//      use; building and driving it: benchmark/loadgen.js) starts as another process and opens
+//      CLIENTS WebSocket connections (64 at a time), each brought to the point where it receives
+//      the broadcast: `usp` subscribes to `kv:*` and waits for `subscribed`; socket.io joins the
+//      default namespace; `ws` and uWS need the handshake only. It prints `ready`; then the server
+//      is asked how many clients it has (must be CLIENTS).
 //   3. The server sends EVENTS change events, each about EVENT_BYTES bytes of JSON, as fast as it
 //      takes them, to every client:
 //        usp        ultimate-streaming: a streamer on `connection: { path: ':memory:' }` with
@@ -61,22 +62,29 @@
 //   node benchmark/fanout.js [--rounds=3] [--clients=1000] [--events=1500] [--event-bytes=150]
 //     [--chunk=500] [--timeout=60] [--budget=300] [--loadgen-threads=2] [--modes=usp,ws,socket.io,uWS]
 
-const fs = require('node:fs');
 const path = require('node:path');
-const { fork, spawn, spawnSync } = require('node:child_process');
+const { fork } = require('node:child_process');
 const {
   ROOT,
+  wallMs,
   sleep,
+  withTimeout,
   median,
   fmt,
   printTable,
   runMain,
+  printProblems,
   writeResult,
   machineFacts,
   loadStreamer,
   commandFor,
   numberArg,
+  stringArg,
+  budgetedRuns,
+  roundOrder,
 } = require('./common');
+const { track, killChildren, stopAllOnExit } = require('./processes');
+const { BUILD_COMMAND, ensureLoadgen, startLoadgen, loadgenProblems } = require('./loadgen.js');
 
 const ROUNDS = Math.floor(numberArg('rounds', 3));
 const CLIENTS = Math.floor(numberArg('clients', 1000));
@@ -98,16 +106,6 @@ const ALL_MODES = [
   { name: 'socket.io', label: "socket.io io.emit('change'), one message per event", loadgen: 'socketio' },
   { name: 'uWS', label: "uWebSockets.js app.publish(), one message per event", loadgen: 'raw' },
 ];
-
-function stringArg(name, dflt) {
-  const prefix = `--${name}=`;
-  const a = process.argv.find((x) => x.startsWith(prefix));
-  return a ? a.slice(prefix.length) : dflt;
-}
-
-function wallMs() {
-  return performance.timeOrigin + performance.now();
-}
 
 // ---------------------------------------------------------------------------------------------
 // The event: the same JSON object for every mode (ours is encoded by the engine)
@@ -356,21 +354,7 @@ const SERVERS = {
 };
 
 // ---------------------------------------------------------------------------------------------
-// The driver: children, the load generator
-
-const CHILDREN = new Set(); // child processes of the current run, stopped on exit and signals
-
-function killAll() {
-  for (const c of CHILDREN) {
-    try {
-      if (c.killGroup) process.kill(-c.pid, 'SIGKILL');
-      else c.kill('SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
-  CHILDREN.clear();
-}
+// The driver: the server process (children and the load generator: processes.js, loadgen.js)
 
 /** A child's message of `type` (or its `error` message, exit, or the time bound). */
 function nextMessage(child, type, timeoutMs) {
@@ -398,120 +382,13 @@ function request(child, msg, type, timeoutMs) {
   return p;
 }
 
-const LOADGEN_DIR = path.join(__dirname, 'loadgen');
-const LOADGEN_TARGET = path.join(ROOT, 'target', 'loadgen');
-const LOADGEN_BIN = path.join(LOADGEN_TARGET, 'release', 'usp-fanout-loadgen');
-
-/** Builds the load generator when its binary is missing or older than its sources. */
-async function ensureLoadgen() {
-  const sources = [path.join(LOADGEN_DIR, 'Cargo.toml'), path.join(LOADGEN_DIR, 'Cargo.lock'), path.join(LOADGEN_DIR, 'src', 'main.rs')];
-  const newest = Math.max(...sources.map((f) => fs.statSync(f).mtimeMs));
-  if (fs.existsSync(LOADGEN_BIN) && fs.statSync(LOADGEN_BIN).mtimeMs >= newest) return { built: false, seconds: 0 };
-  const probe = spawnSync('cargo', ['--version'], { encoding: 'utf8' });
-  if (probe.error || probe.status !== 0) {
-    throw new Error(
-      'cargo not found: benchmark/fanout.js needs Rust to build its load generator (benchmark/loadgen) on first use. ' +
-        'Install Rust (https://rustup.rs) and run again, or build it yourself: ' +
-        'cargo build --release --manifest-path benchmark/loadgen/Cargo.toml --target-dir target/loadgen',
-    );
-  }
-  const args = ['build', '--release', '--locked', '--manifest-path', path.join(LOADGEN_DIR, 'Cargo.toml'), '--target-dir', LOADGEN_TARGET];
-  console.log(`building the load generator: cargo ${args.map((a) => path.relative(ROOT, a) || a).join(' ')}`);
-  const t0 = Date.now();
-  // Not spawnSync: a SIGTERM during the build must stop cargo too (see killAll).
-  // Its own process group, so that killAll stops the compilers it started as well.
-  const cargo = spawn('cargo', args, { cwd: ROOT, stdio: ['ignore', 'inherit', 'inherit'], detached: true });
-  cargo.killGroup = true;
-  CHILDREN.add(cargo);
-  const timer = setTimeout(() => cargo.kill('SIGKILL'), 900_000);
-  const status = await new Promise((resolve) => {
-    cargo.on('error', (e) => resolve(e.message));
-    cargo.on('exit', (code, sig) => resolve(code === 0 ? 0 : sig || `exit code ${code}`));
-  });
-  clearTimeout(timer);
-  CHILDREN.delete(cargo);
-  if (status !== 0) throw new Error(`building the load generator failed (${status})`);
-  return { built: true, seconds: (Date.now() - t0) / 1000 };
-}
-
-/** Starts the load generator; `ready` resolves on its `ready` line, `result` on its JSON line + exit. */
-function startLoadgen(url, mode) {
-  const args = ['--url', url, '--clients', String(CLIENTS), '--mode', mode, '--expect', String(EVENTS)];
-  args.push('--timeout', String(Math.ceil(TIMEOUT_MS / 1000)), '--threads', String(LOADGEN_THREADS), '--exit-on-stdin-eof');
-  const child = spawn(LOADGEN_BIN, args, { stdio: ['pipe', 'pipe', 'pipe'] });
-  CHILDREN.add(child);
-  let out = '';
-  let err = '';
-  let result = null;
-  let onReady;
-  let onFail;
-  const ready = new Promise((resolve, reject) => {
-    onReady = resolve;
-    onFail = reject;
-  });
-  child.stdout.setEncoding('utf8');
-  child.stdout.on('data', (d) => {
-    out += d;
-    let nl;
-    while ((nl = out.indexOf('\n')) >= 0) {
-      const line = out.slice(0, nl).trim();
-      out = out.slice(nl + 1);
-      if (line === 'ready') onReady();
-      else if (line.startsWith('{')) {
-        try {
-          result = JSON.parse(line);
-        } catch {
-          err += `unparsable line: ${line.slice(0, 200)}\n`;
-        }
-      }
-    }
-  });
-  child.stderr.setEncoding('utf8');
-  child.stderr.on('data', (d) => {
-    if (err.length < 4000) err += d;
-  });
-  const exited = new Promise((resolve) => {
-    child.on('exit', (code, signal) => {
-      CHILDREN.delete(child);
-      onFail(new Error(`load generator exited (${signal || code}) before it was ready: ${err.trim().slice(0, 500) || 'no message'}`));
-      resolve({ code, signal });
-    });
-    child.on('error', (e) => {
-      onFail(e);
-      resolve({ code: null, signal: null, error: e.message });
-    });
-  });
-  const resultWithin = async (ms) => {
-    let timer;
-    const bound = new Promise((resolve) => (timer = setTimeout(() => resolve(null), ms)));
-    const ex = await Promise.race([exited, bound]);
-    clearTimeout(timer);
-    if (!ex) {
-      child.kill('SIGKILL');
-      throw new Error(`load generator did not finish within ${ms / 1000} s`);
-    }
-    if (!result) throw new Error(`load generator gave no result (exit ${ex.signal || ex.code}): ${err.trim().slice(0, 500)}`);
-    return { ...result, exitCode: ex.code, stderr: err.trim() };
-  };
-  return { child, ready, resultWithin, kill: () => child.kill('SIGKILL') };
-}
-
-function withTimeout(p, ms, what) {
-  let timer;
-  return Promise.race([p, new Promise((_, reject) => (timer = setTimeout(() => reject(new Error(`${what}: no answer within ${ms / 1000} s`)), ms)))]).finally(() =>
-    clearTimeout(timer),
-  );
-}
-
 async function runOnce(mode, pad) {
-  const server = fork(__filename, ['--serve'], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: [] });
-  CHILDREN.add(server);
-  server.on('exit', () => CHILDREN.delete(server));
+  const server = track(fork(__filename, ['--serve'], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: [] }));
   let lg = null;
   try {
     const listening = await request(server, { cmd: 'start', mode: mode.name, events: EVENTS, pad, chunk: CHUNK }, 'listening', 60_000);
-    lg = startLoadgen(listening.url, mode.loadgen);
-    await withTimeout(lg.ready, TIMEOUT_MS + 10_000, 'load generator ready');
+    lg = startLoadgen({ url: listening.url, clients: CLIENTS, mode: mode.loadgen, expect: EVENTS, timeoutMs: TIMEOUT_MS, threads: LOADGEN_THREADS });
+    await withTimeout(lg.ready, TIMEOUT_MS + 10_000, `load generator ready: no answer within ${(TIMEOUT_MS + 10_000) / 1000} s`);
     // The server must see every client before the first event.
     let serverClients = 0;
     const until = Date.now() + 10_000;
@@ -577,18 +454,8 @@ async function runOnce(mode, pad) {
 }
 
 function runProblems(tag, res) {
-  const p = [];
-  const lg = res.loadgen;
-  if (!lg.allReady) p.push(`${tag}: only ${lg.ready} of ${CLIENTS} clients ready`);
-  if (lg.timedOut) p.push(`${tag}: not every client had every event after ${TIMEOUT_MS / 1000} s`);
-  if (res.deliveries !== res.expected) p.push(`${tag}: ${res.deliveries} deliveries, expected ${res.expected} (${CLIENTS} x ${EVENTS})`);
-  if (lg.completeClients !== CLIENTS || lg.minPerClient !== EVENTS || lg.maxPerClient !== EVENTS) {
-    p.push(`${tag}: ${lg.completeClients} of ${CLIENTS} clients got exactly ${EVENTS} events (per client min ${lg.minPerClient}, max ${lg.maxPerClient})`);
-  }
-  if (lg.gaps) p.push(`${tag}: ${lg.gaps} gap frames`);
-  if (lg.errors) p.push(`${tag}: ${lg.errors} client errors (${lg.firstErrors.join('; ')})`);
-  const codes = Object.entries(lg.closeCodes || {});
-  if (codes.length) p.push(`${tag}: clients closed by the server: ${codes.map(([c, n]) => `${n} x ${c}`).join(', ')}`);
+  const after = res.deliveries !== res.expected ? [`${tag}: ${res.deliveries} deliveries, expected ${res.expected} (${CLIENTS} x ${EVENTS})`] : [];
+  const p = loadgenProblems(tag, res.loadgen, { clients: CLIENTS, expect: EVENTS, timeoutMs: TIMEOUT_MS, after });
   if (res.pushErrors) p.push(`${tag}: ${res.pushErrors} push() calls failed (${res.firstPushError})`);
   if (res.hub && (res.hub.slowDisconnects || res.hub.dropped || res.hub.gaps || res.hub.coalesced)) {
     p.push(`${tag}: hub slowDisconnects ${res.hub.slowDisconnects}, dropped ${res.hub.dropped}, gaps ${res.hub.gaps}, coalesced ${res.hub.coalesced}`);
@@ -606,14 +473,11 @@ async function main() {
   const MODES = ALL_MODES.filter((m) => wanted.includes(m.name));
   if (MODES.length === 0) throw new Error(`--modes: none of ${wanted.join(',')} is one of ${ALL_MODES.map((m) => m.name).join(',')}`);
   if (MODES.some((m) => m.name === 'usp')) await loadStreamer(); // fail early when the native binary is missing
-  const onSignal = (sig) => {
-    killAll();
-    process.exit(sig === 'SIGINT' ? 130 : 143);
-  };
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
-  process.on('exit', killAll);
-  const build = await ensureLoadgen();
+  stopAllOnExit();
+  const build = await ensureLoadgen(
+    'cargo not found: benchmark/fanout.js needs Rust to build its load generator (benchmark/loadgen) on first use. ' +
+      `Install Rust (https://rustup.rs) and run again, or build it yourself: ${BUILD_COMMAND}`,
+  );
   if (build.built) console.log(`load generator built in ${build.seconds.toFixed(1)} s (not part of any measurement)`);
   const pad = padFor(EVENT_BYTES, EVENTS);
   const sample = JSON.stringify(eventObject(Math.floor(EVENTS / 2), pad, Date.now()));
@@ -625,32 +489,13 @@ async function main() {
   const runs = [];
   const problems = [];
   const skipped = [];
-  const longest = {};
-  const broken = new Set();
-  const t0 = Date.now();
+  const { timed, broken } = budgetedRuns({ budgetMs: BUDGET_MS, pad: 9, problems, skipped });
   for (let r = 1; r <= ROUNDS; r++) {
-    const order = r % 2 === 1 ? MODES : [...MODES].reverse();
-    for (const mode of order) {
-      if (broken.has(mode.name)) continue;
-      if (r > 1 && Date.now() - t0 + (longest[mode.name] || 0) > BUDGET_MS) {
-        skipped.push(`round ${r} ${mode.name}`);
-        console.log(`  round ${r} ${mode.name.padEnd(9)} skipped: the time budget of ${BUDGET_MS / 1000} s would be exceeded`);
-        continue;
-      }
+    for (const mode of roundOrder(MODES, r)) {
       const tag = `round ${r} ${mode.name}`;
       const start = Date.now();
-      let res;
-      try {
-        res = await runOnce(mode, pad);
-      } catch (e) {
-        broken.add(mode.name);
-        const msg = `${tag}: failed: ${e.message}`;
-        console.error(`ERROR: ${msg}`);
-        problems.push(msg);
-        continue;
-      } finally {
-        longest[mode.name] = Math.max(longest[mode.name] || 0, Date.now() - start);
-      }
+      const res = await timed(mode.name, r, () => runOnce(mode, pad));
+      if (!res) continue;
       res.round = r;
       res.runSeconds = (Date.now() - start) / 1000;
       runs.push(res);
@@ -665,7 +510,7 @@ async function main() {
       );
     }
   }
-  killAll();
+  killChildren();
 
   // ---- medians
   const byMode = {};
@@ -746,10 +591,7 @@ async function main() {
     summary.push({ metric: `fan-out server CPU per delivery ratio ${k} / ultimate-streaming`, value: v.serverCpuPerDeliveryPeerOverOurs, unit: 'x' });
   }
 
-  if (problems.length) {
-    console.log('\nPROBLEMS:');
-    for (const p of problems) console.log(`  - ${p}`);
-  }
+  printProblems(problems);
   const file = writeResult('fanout', {
     benchmark: 'fanout',
     date: startedAt.toISOString(),

@@ -21,6 +21,8 @@ const {
   tempDbPath,
   removeDb,
   runMain,
+  printProblems,
+  secondsSince,
   writeResult,
   machineFacts,
   loadStreamer,
@@ -245,16 +247,13 @@ async function main() {
     summary.push({ metric: `engine getStatus().latency p50 / p99 (${t.label})`, value: `${fmt(m.engineStatusLatency.p50)} / ${fmt(m.engineStatusLatency.p99)}`, unit: 'ms' });
   }
 
-  if (problems.length) {
-    console.log('\nPROBLEMS:');
-    for (const p of problems) console.log(`  - ${p}`);
-  }
+  printProblems(problems);
 
   const file = writeResult('latency', {
     name: 'latency',
     command,
     date: startedAt.toISOString(),
-    durationSec: Math.round((Date.now() - startedAt.getTime()) / 100) / 10,
+    durationSec: secondsSince(startedAt),
     machine,
     config: { rate: RATE, count: COUNT, warmup: WARMUP, rounds: ROUNDS, batchSize: 1000, pacing: 'absolute schedule, setTimeout' },
     ok: problems.length === 0,

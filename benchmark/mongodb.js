@@ -57,7 +57,7 @@
 
 const fs = require('node:fs');
 const path = require('node:path');
-const { spawn, execFileSync } = require('node:child_process');
+const { spawn } = require('node:child_process');
 const {
   ROOT,
   nowMs,
@@ -66,14 +66,28 @@ const {
   summarize,
   median,
   fmt,
+  ratioCell,
   printTable,
   runMain,
+  printProblems,
+  secondsSince,
   writeResult,
   machineFacts,
   loadStreamer,
   commandFor,
   numberArg,
+  budgetedRuns,
+  roundOrder,
+  sequentialWriter,
+  samples,
+  openStreamer,
+  keyTracker,
+  deliveryProblems,
+  latencyRunProblems,
+  latencyMedians,
+  cpuSpan,
 } = require('./common');
+const { track, stopAllOnExit, processCpuMs } = require('./processes');
 
 const ROUNDS = Math.floor(numberArg('rounds', 3));
 const LATENCY_WRITES = Math.floor(numberArg('latency-writes', 500));
@@ -107,14 +121,6 @@ const PAIR_MODES = [
   { name: 'watch', label: 'mongodb driver watch({ batchSize: 1000 })', kind: 'watch', watchOptions: { batchSize: 1000 } },
 ];
 
-function ratioCell(v) {
-  return Number.isNaN(v) ? 'n/a' : `${fmt(v)}x`;
-}
-
-function wallMs() {
-  return performance.timeOrigin + performance.now();
-}
-
 function mongodb() {
   return require('mongodb');
 }
@@ -134,23 +140,11 @@ async function within(promise, ms) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Servers (one per run) and child processes: all stopped on exit, failure and signals
+// Servers (one per run) and child processes (registered in processes.js): all stopped on exit,
+// failure and signals
 
 const { startMongo } = require(path.join(ROOT, '__test__', 'mongo'));
 const SERVERS = new Set(); // running servers: { srv, pid }
-const CHILDREN = new Set(); // running writer processes
-
-let clockTicks = NaN;
-function clkTck() {
-  if (Number.isNaN(clockTicks)) {
-    try {
-      clockTicks = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
-    } catch {
-      clockTicks = 100;
-    }
-  }
-  return clockTicks;
-}
 
 /** Linux: { pid: comm } of this process's direct children (empty elsewhere). */
 function childProcesses() {
@@ -173,18 +167,6 @@ function childProcesses() {
     }
   }
   return out;
-}
-
-/** CPU time (user + system, all threads) of process `pid` in ms, from /proc; NaN when unknown. */
-function processCpuMs(pid) {
-  if (!pid) return NaN;
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return ((Number(rest[11]) + Number(rest[12])) / clkTck()) * 1000;
-  } catch {
-    return NaN;
-  }
 }
 
 let serverNo = 0;
@@ -232,11 +214,9 @@ function killPid(pid) {
   }
 }
 
-/** Synchronous last resort: whatever still runs goes down with us (the servers would also see
- *  the end of their stdin when this process dies). */
-function killEverything() {
-  for (const child of CHILDREN) killPid(child.pid);
-  CHILDREN.clear();
+/** Synchronous last resort (after the writer processes, see stopAllOnExit): the servers still
+ *  running go down with us (they would also see the end of their stdin when this process dies). */
+function killServers() {
   for (const entry of SERVERS) {
     try {
       entry.srv.stop().catch(() => {});
@@ -248,42 +228,15 @@ function killEverything() {
   SERVERS.clear();
 }
 
-function installExitHandlers() {
-  process.on('exit', killEverything);
-  const onSignal = (sig) => {
-    killEverything();
-    process.exit(sig === 'SIGINT' ? 130 : 143);
-  };
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Listeners: the same small interface for ours and for the driver's watch()
 
 /** `onDoc(key, version, dataI)` per delivered change. Resolves once init() resolved. */
-async function openUsp(U, entry, options, onDoc) {
-  const errors = [];
-  const s = new U({ database: 'mongodb', connection: { uri: entry.srv.uri, database: entry.db }, options: { ...options } });
-  s.on('change', (e) => {
+function openUsp(U, entry, options, onDoc) {
+  const config = { database: 'mongodb', connection: { uri: entry.srv.uri, database: entry.db }, options: { ...options } };
+  return openStreamer(U, config, (e) => {
     if (e.type === 'insert' || e.type === 'update' || e.type === 'replace') onDoc(e.key, e.version, e.data && e.data.i);
   });
-  s.on('resync', (e) => errors.push(`resync: ${e.reason} (${e.from}..${e.to})`));
-  s.on('error', (e) => errors.push(e && e.message ? e.message : String(e)));
-  const t0 = nowMs();
-  try {
-    await s.init();
-  } catch (e) {
-    await s.close().catch(() => {});
-    throw e;
-  }
-  return {
-    errors,
-    initMs: nowMs() - t0,
-    mode: s.getStatus().mode,
-    status: () => s.getStatus(),
-    close: () => s.close(),
-  };
 }
 
 /** The Node driver: a ChangeStream on the collection with a 'change' listener; resolves once the
@@ -328,75 +281,15 @@ async function openListener(U, mode, entry, onDoc) {
 }
 
 /**
- * Tracks documents `${prefix}0 .. ${prefix}${n-1}`: each must arrive once, with version 1 and
- * data.i = i. Sentinels (`ready:`) are passed to `onReady`. `onSeen(i, t)` on the first arrival.
+ * Tracks documents `${prefix}0 .. ${prefix}${n-1}` (keyTracker): each must arrive once, with
+ * version 1 and data.i = i. Sentinels (`ready:`) are collected in `readySeen`. `onSeen(i, t)` on
+ * the first arrival.
  */
-function docTracker(prefix, n, onSeen) {
-  const seen = new Uint8Array(n);
-  const t = {
-    distinct: 0,
-    duplicates: 0,
-    unexpected: 0,
-    wrongVersion: 0,
-    wrongData: 0,
-    tLastWall: NaN,
-    tFirstWall: NaN,
-    readySeen: new Set(),
-    waiting: null,
-    /** Resolves true once `count` distinct documents arrived, false after timeoutMs. */
-    reached(count, timeoutMs) {
-      if (t.distinct >= count) return Promise.resolve(true);
-      return new Promise((resolve) => {
-        const timer = setTimeout(() => {
-          t.waiting = null;
-          resolve(false);
-        }, timeoutMs);
-        t.waiting = {
-          count,
-          resolve: () => {
-            clearTimeout(timer);
-            t.waiting = null;
-            resolve(true);
-          },
-        };
-      });
-    },
-    onDoc(key, version, dataI) {
-      if (typeof key === 'string' && key.startsWith(READY_PREFIX)) {
-        t.readySeen.add(key);
-        return;
-      }
-      const i = typeof key === 'string' && key.startsWith(prefix) ? Number(key.slice(prefix.length)) : -1;
-      if (!(Number.isInteger(i) && i >= 0 && i < n)) {
-        t.unexpected++;
-        return;
-      }
-      if (seen[i]) {
-        t.duplicates++;
-        return;
-      }
-      seen[i] = 1;
-      if (Number(version) !== 1) t.wrongVersion++;
-      if (Number(dataI) !== i) t.wrongData++;
-      t.distinct++;
-      if (t.distinct === 1) t.tFirstWall = wallMs();
-      if (t.distinct === n) t.tLastWall = wallMs();
-      if (onSeen) onSeen(i, nowMs());
-      if (t.waiting && t.distinct >= t.waiting.count) t.waiting.resolve();
-    },
-  };
-  return t;
+function docTracker(prefix, n, onSeen = null) {
+  return keyTracker(prefix, n, { checkData: true, sentinelPrefix: READY_PREFIX, onSeen });
 }
 
-function deliveryProblems(tag, tr, expected) {
-  const out = [];
-  if (tr.distinct < expected) out.push(`${tag}: ${expected - tr.distinct} of ${expected} documents never reached the listener`);
-  if (tr.duplicates) out.push(`${tag}: ${tr.duplicates} documents delivered twice`);
-  if (tr.unexpected) out.push(`${tag}: ${tr.unexpected} documents with unknown keys`);
-  if (tr.wrongVersion) out.push(`${tag}: ${tr.wrongVersion} documents with a version other than 1`);
-  if (tr.wrongData) out.push(`${tag}: ${tr.wrongData} documents with wrong data`);
-  return out;
-}
+const DOCUMENTS = { noun: 'documents', wrongVersion: 'a version other than 1' };
 
 let readyNo = 0;
 /** Inserts sentinel documents until the listener saw one (a change stream that opened late would
@@ -412,17 +305,8 @@ async function awaitSentinel(coll, tr) {
 }
 
 /** CPU of this process (process.cpuUsage delta) and of the server over a wall time. */
-function cpuSpan(usage, serverCpuMs, wallMsSpan) {
-  const totalMs = (usage.user + usage.system) / 1000;
-  return {
-    userMs: usage.user / 1000,
-    systemMs: usage.system / 1000,
-    totalMs,
-    wallMs: wallMsSpan,
-    cores: totalMs / wallMsSpan,
-    serverMs: serverCpuMs,
-    serverCores: serverCpuMs / wallMsSpan,
-  };
+function cpuWithServer(usage, serverCpuMs, wallMsSpan) {
+  return { ...cpuSpan(usage, wallMsSpan), serverMs: serverCpuMs, serverCores: serverCpuMs / wallMsSpan };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -433,19 +317,15 @@ async function latencyRun(U, mode) {
   const total = mode.warmup + mode.writes;
   const sent = new Float64Array(total).fill(NaN);
   const seenAt = new Float64Array(total).fill(NaN);
-  const ack = new Float64Array(total).fill(NaN);
-  let waiter = null; // { i, resolve } of the insert we wait for
+  const inserter = sequentialWriter();
   const tr = docTracker('lat:', total, (i, t) => {
     seenAt[i] = t;
-    if (waiter && waiter.i === i) waiter.resolve(true);
+    inserter.arrived(i);
   });
 
   let writer = null;
   let listener = null;
-  let issued = 0;
-  let timeouts = 0;
-  let writeErrors = 0;
-  let firstWriteError = null;
+  let w = null; // the insert loop's outcome
   let status = null;
   let cpu = null;
   let serverVersion = null;
@@ -461,44 +341,23 @@ async function latencyRun(U, mode) {
     } catch {
       serverVersion = null;
     }
-    listener = await openListener(U, mode, entry, (k, v, d) => tr.onDoc(k, v, d));
+    listener = await openListener(U, mode, entry, (k, v, d) => tr.onChange(k, v, d));
     if (!polling) await awaitSentinel(coll, tr);
     const cpu0 = process.cpuUsage();
     const srv0 = processCpuMs(entry.pid);
     const t0 = nowMs();
-    const deadline = t0 + boundMs;
-    for (let i = 0; i < total && nowMs() < deadline; i++) {
-      if (mode.thinkMs) await sleep(Math.random() * mode.thinkMs);
-      const seenPromise = new Promise((resolve) => {
-        waiter = { i, resolve };
-      });
-      const ts = nowMs();
-      sent[i] = ts;
-      issued++;
-      try {
-        await coll.insertOne({ _id: `lat:${i}`, data: { i }, version: 1, updatedAt: new Date() });
-        ack[i] = nowMs() - ts;
-      } catch (e) {
-        writeErrors++;
-        if (!firstWriteError) firstWriteError = e.message;
-        waiter = null;
-        if (writeErrors > 5) break;
-        continue;
-      }
-      if (Number.isNaN(seenAt[i])) {
-        let timer;
-        const ok = await Promise.race([seenPromise, new Promise((resolve) => (timer = setTimeout(() => resolve(false), waitMs)))]);
-        clearTimeout(timer);
-        if (!ok) {
-          timeouts++;
-          if (timeouts > 5) break; // the listener is not delivering; do not spend the time bound on it
-        }
-      }
-      waiter = null;
-    }
-    cpu = cpuSpan(process.cpuUsage(cpu0), processCpuMs(entry.pid) - srv0, nowMs() - t0);
+    w = await inserter.run({
+      total,
+      boundMs,
+      thinkMs: mode.thinkMs,
+      waitMs,
+      onSend: (i, ts) => (sent[i] = ts),
+      write: (i) => coll.insertOne({ _id: `lat:${i}`, data: { i }, version: 1, updatedAt: new Date() }),
+      seen: (i) => !Number.isNaN(seenAt[i]),
+    });
+    cpu = cpuWithServer(process.cpuUsage(cpu0), processCpuMs(entry.pid) - srv0, nowMs() - t0);
     // Documents that timed out may still come; then look for strays.
-    await waitFor(() => tr.distinct >= issued - writeErrors, timeouts ? waitMs : 0, 5);
+    await waitFor(() => tr.distinct >= w.issued - w.writeErrors, w.timeouts ? waitMs : 0, 5);
     await sleep(polling ? Math.min(mode.options.pollingInterval + 200, 2500) : 50);
     status = listener.status();
   } finally {
@@ -507,12 +366,9 @@ async function latencyRun(U, mode) {
     await stopServer(entry);
   }
 
-  const lat = [];
-  const acks = [];
-  for (let i = mode.warmup; i < issued; i++) {
-    if (!Number.isNaN(seenAt[i])) lat.push(seenAt[i] - sent[i]);
-    if (!Number.isNaN(ack[i])) acks.push(ack[i]);
-  }
+  const { issued, timeouts, writeErrors, firstWriteError, ack } = w;
+  const lat = samples(mode.warmup, issued, (i) => seenAt[i] - sent[i]);
+  const acks = samples(mode.warmup, issued, (i) => ack[i]);
   return {
     mode: mode.name,
     serverVersion,
@@ -581,8 +437,7 @@ function writeInChild(uri, db, prefix, n, batch, onReady) {
     })().catch((e) => { console.error(e); process.exit(1); });`;
   const args = [uri, db, COLLECTION, prefix, String(n), String(batch), String(TIMEOUT_MS), VALUE_PAD];
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['-e', script, ...args], { stdio: ['pipe', 'pipe', 'inherit'] });
-    CHILDREN.add(child);
+    const child = track(spawn(process.execPath, ['-e', script, ...args], { stdio: ['pipe', 'pipe', 'inherit'] }));
     let buf = '';
     let result = null;
     child.stdin.on('error', () => {});
@@ -609,7 +464,6 @@ function writeInChild(uri, db, prefix, n, batch, onReady) {
     child.on('error', reject);
     child.on('exit', (code, signal) => {
       clearTimeout(timer);
-      CHILDREN.delete(child);
       if (code !== 0 || !result) return reject(new Error(`writer process exited with ${code ?? signal}`));
       resolve(result);
     });
@@ -628,7 +482,7 @@ async function eventsRun(U, mode) {
   try {
     writer = new (mongodb().MongoClient)(entry.srv.uri, clientOptions());
     await writer.connect();
-    listener = await openListener(U, mode, entry, (k, v, d) => tr.onDoc(k, v, d));
+    listener = await openListener(U, mode, entry, (k, v, d) => tr.onChange(k, v, d));
     await awaitSentinel(writer.db(entry.db).collection(COLLECTION), tr);
     let cpu0 = null;
     let srv0 = NaN;
@@ -639,7 +493,7 @@ async function eventsRun(U, mode) {
       t0 = nowMs();
     });
     completed = await tr.reached(w.done, TIMEOUT_MS);
-    cpu = cpuSpan(process.cpuUsage(cpu0), processCpuMs(entry.pid) - srv0, nowMs() - t0);
+    cpu = cpuWithServer(process.cpuUsage(cpu0), processCpuMs(entry.pid) - srv0, nowMs() - t0);
     await sleep(100); // strays and duplicates after the last document
     status = listener.status();
   } finally {
@@ -679,7 +533,7 @@ async function eventsRun(U, mode) {
 // ---------------------------------------------------------------------------------------------
 
 async function main() {
-  installExitHandlers();
+  stopAllOnExit(killServers);
   const U = await loadStreamer();
   const command = commandFor(__filename, process.argv.slice(2));
   const startedAt = new Date();
@@ -701,36 +555,13 @@ async function main() {
   const problems = [];
   const skipped = [];
   let serverVersion = null;
-  const t0 = Date.now();
-  const longest = {};
-  const broken = new Set();
   // Runs fn unless the mode is broken or (after round 1) the budget would be passed.
-  const timed = async (key, r, fn) => {
-    if (broken.has(key)) return null;
-    if (r > 1 && Date.now() - t0 + (longest[key] || 0) > BUDGET_MS) {
-      skipped.push(`round ${r} ${key}`);
-      console.log(`  round ${r} ${key.padEnd(22)} skipped: the time budget of ${BUDGET_MS / 1000} s would be exceeded`);
-      return null;
-    }
-    const start = Date.now();
-    try {
-      return await fn();
-    } catch (e) {
-      broken.add(key);
-      const msg = `round ${r} ${key}: failed: ${e.message}`;
-      console.error(`ERROR: ${msg}`);
-      problems.push(msg);
-      return null;
-    } finally {
-      longest[key] = Math.max(longest[key] || 0, Date.now() - start);
-    }
-  };
+  const { timed, broken } = budgetedRuns({ budgetMs: BUDGET_MS, pad: 22, problems, skipped });
 
   try {
     for (let r = 1; r <= ROUNDS; r++) {
       // 1. latency
-      const latModes = r % 2 === 1 ? LATENCY_MODES : [...LATENCY_MODES].reverse();
-      for (const mode of latModes) {
+      for (const mode of roundOrder(LATENCY_MODES, r)) {
         const res = await timed(`latency/${mode.name}`, r, () => latencyRun(U, mode));
         if (!res) continue;
         res.round = r;
@@ -742,19 +573,12 @@ async function main() {
             `  (insert ack p50 ${fmt(res.writeAck.p50)} ms; seen ${res.received}/${res.issued}, ${res.measured} measured;` +
             ` CPU ${fmt(res.cpu ? res.cpu.cores : NaN)} cores here, ${fmt(res.cpu ? res.cpu.serverCores : NaN)} in the server; mode ${res.listenerMode})`,
         );
-        const tag = `round ${r} latency/${mode.name}`;
-        problems.push(...deliveryProblems(tag, res, res.issued - res.writeErrors));
-        if (res.issued < res.planned) problems.push(`${tag}: only ${res.issued} of ${res.planned} inserts issued within the time bound`);
-        if (res.writeErrors) problems.push(`${tag}: ${res.writeErrors} inserts failed (${res.firstWriteError})`);
-        if (res.listenerErrors.length) problems.push(`${tag}: listener errors: ${res.listenerErrors.join('; ')}`);
-        const want = mode.options && mode.options.useChangeStreams === false ? 'polling' : 'changeStream';
-        if (res.listenerMode !== want) problems.push(`${tag}: capture mode ${res.listenerMode}, expected ${want}`);
+        problems.push(...latencyRunProblems(`round ${r} latency/${mode.name}`, res, mode, { writes: 'inserts', capture: 'changeStream', what: DOCUMENTS }));
         if (res.received < res.issued - res.writeErrors) broken.add(`latency/${mode.name}`);
       }
 
       // 2. events/s
-      const pairModes = r % 2 === 1 ? PAIR_MODES : [...PAIR_MODES].reverse();
-      for (const mode of pairModes) {
+      for (const mode of roundOrder(PAIR_MODES, r)) {
         const res = await timed(`events/${mode.name}`, r, () => eventsRun(U, mode));
         if (!res) continue;
         res.round = r;
@@ -765,7 +589,7 @@ async function main() {
             ` CPU per 1,000 events: ${fmt(res.cpuMsPer1kEvents)} ms here, ${fmt(res.serverCpuMsPer1kEvents)} ms in the server)`,
         );
         const tag = `round ${r} events/${mode.name}`;
-        problems.push(...deliveryProblems(tag, res, res.docs));
+        problems.push(...deliveryProblems(tag, { ...res, distinct: res.received }, res.docs, DOCUMENTS));
         if (res.writeErrors) problems.push(`${tag}: ${res.writeErrors} insertMany calls failed (${res.firstWriteError})`);
         if (res.listenerErrors.length) problems.push(`${tag}: listener errors: ${res.listenerErrors.join('; ')}`);
         if (res.listenerMode !== 'changeStream') problems.push(`${tag}: capture mode ${res.listenerMode}, expected changeStream`);
@@ -782,15 +606,7 @@ async function main() {
   for (const m of LATENCY_MODES) {
     const rs = rounds.latency.filter((x) => x.mode === m.name);
     latency[m.name] = {
-      rounds: rs.length,
-      writesPerRound: m.writes,
-      p50: med(rs, (x) => x.writeToListener.p50),
-      p90: med(rs, (x) => x.writeToListener.p90),
-      p99: med(rs, (x) => x.writeToListener.p99),
-      max: med(rs, (x) => x.writeToListener.max),
-      mean: med(rs, (x) => x.writeToListener.mean),
-      ackP50: med(rs, (x) => x.writeAck.p50),
-      ackP99: med(rs, (x) => x.writeAck.p99),
+      ...latencyMedians(rs, m.writes),
       cpuCores: med(rs, (x) => (x.cpu ? x.cpu.cores : NaN)),
       serverCpuCores: med(rs, (x) => (x.cpu ? x.cpu.serverCores : NaN)),
     };
@@ -886,16 +702,13 @@ async function main() {
   }
   summary.push({ metric: `${serverLabel} events/s ratio ultimate-streaming / watch()`, value: ratios.eventsUspOverWatch, unit: 'x' });
 
-  if (problems.length) {
-    console.log('\nPROBLEMS:');
-    for (const p of problems) console.log(`  - ${p}`);
-  }
+  printProblems(problems);
 
   const file = writeResult('mongodb', {
     name: 'mongodb',
     command,
     date: startedAt.toISOString(),
-    durationSec: Math.round((Date.now() - startedAt.getTime()) / 100) / 10,
+    durationSec: secondsSince(startedAt),
     machine,
     server: {
       kind: external ? 'MONGODB_URI' : 'mongo-java-server (in-memory fake; getMore never waits, scans the whole oplog)',

@@ -2,7 +2,8 @@
 // MySQL/MariaDB: ultimate-streaming against its peers on one private MariaDB (binlog on), same run.
 //
 // The script starts its own MariaDB with scripts/mariadb.sh (a temp data dir, a free port on
-// 127.0.0.1, binlog_format=ROW, binlog_row_metadata=FULL) and stops it at the end, also on failure.
+// 127.0.0.1, binlog_format=ROW, binlog_row_metadata=FULL) and stops it at the end, also on failure
+// (benchmark/processes.js).
 // Every run uses a fresh table with the engine's schema (the tables of the peers are created
 // `LIKE` a table the engine created). Peers:
 //   usp            ultimate-streaming, binlog capture (`database: 'mysql'`, default options)
@@ -50,26 +51,41 @@
 //     [--pushes=20000] [--pushers=64] [--push-keys=200] [--pool=8] [--timeout=60] [--budget=170]
 
 const fs = require('node:fs');
-const os = require('node:os');
-const net = require('node:net');
 const path = require('node:path');
-const { spawn, execFileSync } = require('node:child_process');
+const { spawn } = require('node:child_process');
 const {
   ROOT,
   nowMs,
+  wallMs,
   sleep,
   waitFor,
   summarize,
   median,
   fmt,
+  ratioCell,
   printTable,
   runMain,
+  printProblems,
+  secondsSince,
   writeResult,
   machineFacts,
   loadStreamer,
   commandFor,
   numberArg,
+  budgetedRuns,
+  roundOrder,
+  drive,
+  errorLine,
+  sequentialWriter,
+  samples,
+  openStreamer,
+  keyTracker,
+  deliveryProblems,
+  latencyRunProblems,
+  latencyMedians,
+  cpuSpan,
 } = require('./common');
+const { stopServers, stopAllOnExit, startPrivateServer } = require('./processes');
 
 const ROUNDS = Math.floor(numberArg('rounds', 3));
 const LATENCY_WRITES = Math.floor(numberArg('latency-writes', 2000));
@@ -126,14 +142,6 @@ const PUSH_MODES = [
   { name: 'mysql2', label: `mysql2 pool of ${POOL}, ${PUSHERS} concurrent upserts`, kind: 'mysql2' },
 ];
 
-function ratioCell(v) {
-  return Number.isNaN(v) ? 'n/a' : `${fmt(v)}x`;
-}
-
-function wallMs() {
-  return performance.timeOrigin + performance.now();
-}
-
 function upsertSql(table) {
   return `INSERT INTO \`${table}\` (k, v, version) VALUES (?, ?, 1) ON DUPLICATE KEY UPDATE v = VALUES(v), version = version + 1`;
 }
@@ -155,63 +163,6 @@ function nextServerId() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The private server
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, HOST, () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-function mariadbSh(args) {
-  return execFileSync('bash', [SCRIPT, ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 120_000 });
-}
-
-async function startServer() {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'usp-bench-mariadb-'));
-  const port = await freePort();
-  const server = { dir, port, running: false };
-  server.stop = () => {
-    if (server.running) {
-      server.running = false;
-      try {
-        mariadbSh(['stop', dir]);
-      } catch (e) {
-        console.error(`[bench] stopping MariaDB failed: ${e.stderr || e.message}`);
-      }
-    }
-    try {
-      fs.rmSync(dir, { recursive: true, force: true });
-    } catch {
-      // leave it
-    }
-  };
-  // Whatever happens from here on (an exception, Ctrl-C), the server goes down with us.
-  const onExit = () => server.stop();
-  const onSignal = (sig) => {
-    server.stop();
-    process.exit(sig === 'SIGINT' ? 130 : 143);
-  };
-  process.on('exit', onExit);
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
-  server.running = true; // a half-started server is stopped too
-  try {
-    mariadbSh(['start', dir, String(port), 'binlog']);
-  } catch (e) {
-    server.stop();
-    throw new Error(`cannot start the private MariaDB: ${e.stderr || e.message}`);
-  }
-  return server;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Listeners: the same small interface for ours and for zongji
 
 function streamerConfig(table, options = {}) {
@@ -226,29 +177,10 @@ function streamerConfig(table, options = {}) {
  * Opens ultimate-streaming on `table`; `onRow(key, version)` is called per change event.
  * Resolves { close, status, errors, mode, initMs } once init() resolved.
  */
-async function openUsp(U, table, options, onRow) {
-  const errors = [];
-  const s = new U(streamerConfig(table, options));
-  s.on('change', (e) => {
+function openUsp(U, table, options, onRow) {
+  return openStreamer(U, streamerConfig(table, options), (e) => {
     if (e.type === 'insert' || e.type === 'update' || e.type === 'delete') onRow(e.key, e.version, e.type);
   });
-  s.on('resync', (e) => errors.push(`resync: ${e.reason} (${e.from}..${e.to})`));
-  s.on('error', (e) => errors.push(e && e.message ? e.message : String(e)));
-  const t0 = nowMs();
-  try {
-    await s.init();
-  } catch (e) {
-    await s.close().catch(() => {});
-    throw e;
-  }
-  const initMs = nowMs() - t0;
-  return {
-    errors,
-    initMs,
-    mode: s.getStatus().mode,
-    status: () => s.getStatus(),
-    close: () => s.close(),
-  };
 }
 
 let ZongJi = null;
@@ -290,69 +222,6 @@ async function openZongji(table, from, onRow) {
     throw new Error(`zongji did not become ready within 15 s (${errors.join('; ') || 'no error reported'})`);
   }
   return { errors, initMs: nowMs() - t0, mode: 'binlog', status: () => null, close };
-}
-
-/**
- * Tracks rows `${prefix}0 .. ${prefix}${n-1}`: each must arrive once with version `expectVersion`.
- * `onSeen(i, t)` is called for the first arrival of row i (t = nowMs()).
- */
-function rowTracker(prefix, n, expectVersion, onSeen) {
-  const seen = new Uint8Array(n);
-  const t = {
-    distinct: 0,
-    duplicates: 0,
-    unexpected: 0,
-    wrongVersion: 0,
-    tLastWall: NaN,
-    tFirstWall: NaN,
-    waiting: null, // { count, resolve } of reached()
-    /** Resolves true once `count` distinct rows arrived, false after timeoutMs (event driven, no polling). */
-    reached(count, timeoutMs) {
-      if (t.distinct >= count) return Promise.resolve(true);
-      return new Promise((resolve) => {
-        const timer = setTimeout(() => {
-          t.waiting = null;
-          resolve(false);
-        }, timeoutMs);
-        t.waiting = {
-          count,
-          resolve: () => {
-            clearTimeout(timer);
-            t.waiting = null;
-            resolve(true);
-          },
-        };
-      });
-    },
-    onRow(key, version) {
-      const i = typeof key === 'string' && key.startsWith(prefix) ? Number(key.slice(prefix.length)) : -1;
-      if (!(Number.isInteger(i) && i >= 0 && i < n)) {
-        t.unexpected++;
-        return;
-      }
-      if (seen[i]) {
-        t.duplicates++;
-        return;
-      }
-      seen[i] = 1;
-      if (Number(version) !== expectVersion) t.wrongVersion++;
-      t.distinct++;
-      if (t.distinct === 1) t.tFirstWall = wallMs();
-      if (t.distinct === n) t.tLastWall = wallMs();
-      if (onSeen) onSeen(i, nowMs());
-      if (t.waiting && t.distinct >= t.waiting.count) t.waiting.resolve();
-    },
-  };
-  return t;
-}
-
-function deliveryProblems(tag, tr, expected) {
-  const out = [];
-  if (tr.distinct < expected) out.push(`${tag}: ${expected - tr.distinct} of ${expected} rows never reached the listener`);
-  if (tr.duplicates) out.push(`${tag}: ${tr.duplicates} rows delivered twice`);
-  if (tr.unexpected) out.push(`${tag}: ${tr.unexpected} rows with unknown keys`);
-  if (tr.wrongVersion) out.push(`${tag}: ${tr.wrongVersion} rows with an unexpected version`);
-  return out;
 }
 
 /** Ours with mode.options (+ uspOptions), or zongji from the end of the binlog or from `from`. */
@@ -444,58 +313,35 @@ async function latencyRun(U, mode) {
   const total = mode.warmup + mode.writes;
   const sent = new Float64Array(total).fill(NaN);
   const seenAt = new Float64Array(total).fill(NaN);
-  const ack = new Float64Array(total).fill(NaN);
-  let waiter = null; // { i, resolve } of the write we wait for
-  const tr = rowTracker('lat:', total, 1, (i, t) => {
-    seenAt[i] = t;
-    if (waiter && waiter.i === i) waiter.resolve(true);
+  const writer = sequentialWriter();
+  const tr = keyTracker('lat:', total, {
+    onSeen: (i, t) => {
+      seenAt[i] = t;
+      writer.arrived(i);
+    },
   });
 
   const conn = await mysql2().createConnection({ host: HOST, port: SERVER.port, user: USER, password: PASSWORD, database: DATABASE });
   let listener = null;
-  let issued = 0;
-  let timeouts = 0;
-  let writeErrors = 0;
-  let firstWriteError = null;
+  let w = null; // the write loop's outcome
   let status = null;
   const waitMs = mode.options && mode.options.pollingInterval ? mode.options.pollingInterval * 3 + 3000 : 5000;
   const boundMs = Math.min(TIMEOUT_MS * 2, total * mode.cycleMs * 2 + 5000);
   try {
-    listener = await openListener(U, mode, table, null, (k, v) => tr.onRow(k, v));
+    listener = await openListener(U, mode, table, null, (k, v) => tr.onChange(k, v));
     const sql = upsertSql(table);
     await conn.prepare(sql);
-    const deadline = nowMs() + boundMs;
-    for (let i = 0; i < total && nowMs() < deadline; i++) {
-      if (mode.thinkMs) await sleep(Math.random() * mode.thinkMs);
-      const seenPromise = new Promise((resolve) => {
-        waiter = { i, resolve };
-      });
-      const t0 = nowMs();
-      sent[i] = t0;
-      issued++;
-      try {
-        await conn.execute(sql, [`lat:${i}`, valueJson(i)]);
-        ack[i] = nowMs() - t0;
-      } catch (e) {
-        writeErrors++;
-        if (!firstWriteError) firstWriteError = e.message;
-        waiter = null;
-        if (writeErrors > 5) break;
-        continue;
-      }
-      if (Number.isNaN(seenAt[i])) {
-        let timer;
-        const ok = await Promise.race([seenPromise, new Promise((resolve) => (timer = setTimeout(() => resolve(false), waitMs)))]);
-        clearTimeout(timer);
-        if (!ok) {
-          timeouts++;
-          if (timeouts > 5) break; // the listener is not delivering; do not spend the time bound on it
-        }
-      }
-      waiter = null;
-    }
+    w = await writer.run({
+      total,
+      boundMs,
+      thinkMs: mode.thinkMs,
+      waitMs,
+      onSend: (i, t0) => (sent[i] = t0),
+      write: (i) => conn.execute(sql, [`lat:${i}`, valueJson(i)]),
+      seen: (i) => !Number.isNaN(seenAt[i]),
+    });
     // Rows that timed out may still come; then look for strays.
-    await waitFor(() => tr.distinct >= issued - writeErrors, timeouts ? waitMs : 0, 5);
+    await waitFor(() => tr.distinct >= w.issued - w.writeErrors, w.timeouts ? waitMs : 0, 5);
     await sleep(mode.options && mode.options.pollingInterval ? Math.min(mode.options.pollingInterval + 200, 2500) : 50);
     status = listener.status();
   } finally {
@@ -503,12 +349,9 @@ async function latencyRun(U, mode) {
     await conn.end().catch(() => {});
   }
 
-  const lat = [];
-  const acks = [];
-  for (let i = mode.warmup; i < issued; i++) {
-    if (!Number.isNaN(seenAt[i])) lat.push(seenAt[i] - sent[i]);
-    if (!Number.isNaN(ack[i])) acks.push(ack[i]);
-  }
+  const { issued, timeouts, writeErrors, firstWriteError, ack } = w;
+  const lat = samples(mode.warmup, issued, (i) => seenAt[i] - sent[i]);
+  const acks = samples(mode.warmup, issued, (i) => ack[i]);
   return {
     mode: mode.name,
     table,
@@ -531,31 +374,25 @@ async function latencyRun(U, mode) {
   };
 }
 
-/** CPU time of this process (all threads: JS, the engine's native threads, libuv) over a wall time. */
-function cpuMs(usage, wallMsSpan) {
-  const totalMs = (usage.user + usage.system) / 1000;
-  return { userMs: usage.user / 1000, systemMs: usage.system / 1000, totalMs, wallMs: wallMsSpan, cores: totalMs / wallMsSpan };
-}
-
 // ---------------------------------------------------------------------------------------------
 // 2a. Live events/s with concurrent writers
 
 async function liveRun(U, mode) {
   const table = freshTable();
   if (mode.kind === 'zongji') await createTableLike(table);
-  const tr = rowTracker('live:', LIVE_ROWS, 1);
+  const tr = keyTracker('live:', LIVE_ROWS);
   let listener = null;
   let w = null;
   let completed = false;
   let status = null;
   let cpu = null;
   try {
-    listener = await openListener(U, mode, table, null, (k, v) => tr.onRow(k, v));
+    listener = await openListener(U, mode, table, null, (k, v) => tr.onChange(k, v));
     const cpu0 = process.cpuUsage();
     const wall0 = wallMs();
     w = await writeInChild(table, 'live:', LIVE_ROWS, WRITERS);
     completed = await tr.reached(w.done, TIMEOUT_MS);
-    cpu = cpuMs(process.cpuUsage(cpu0), wallMs() - wall0);
+    cpu = cpuSpan(process.cpuUsage(cpu0), wallMs() - wall0);
     await sleep(100); // strays and duplicates after the last row
     status = listener.status();
   } finally {
@@ -607,10 +444,9 @@ async function catchupRound(U, round) {
   const from = await masterStatus();
   const w = await writeInChild(table, 'cu:', CATCHUP_ROWS, WRITERS);
 
-  const order = round % 2 === 1 ? PAIR_MODES : [...PAIR_MODES].reverse();
   const results = [];
-  for (const mode of order) {
-    const tr = rowTracker('cu:', CATCHUP_ROWS, 1);
+  for (const mode of roundOrder(PAIR_MODES, round)) {
+    const tr = keyTracker('cu:', CATCHUP_ROWS);
     let strays = 0;
     let listener = null;
     let completed = false;
@@ -626,12 +462,12 @@ async function catchupRound(U, round) {
         from,
         (k, v) => {
           if (k === 'before') strays++;
-          else tr.onRow(k, v);
+          else tr.onChange(k, v);
         },
         { mysql: { checkpointName } },
       );
       completed = await tr.reached(w.done, TIMEOUT_MS);
-      cpu = cpuMs(process.cpuUsage(cpu0), wallMs() - t0);
+      cpu = cpuSpan(process.cpuUsage(cpu0), wallMs() - t0);
       await sleep(100);
       status = listener.status();
     } finally {
@@ -672,32 +508,6 @@ async function catchupRound(U, round) {
 // ---------------------------------------------------------------------------------------------
 // 3. Push throughput
 
-/** PUSHERS loops over operations [from, from + count), each awaiting op(i, pusher). */
-async function drive(op, from, count) {
-  let next = from;
-  const end = from + count;
-  let done = 0;
-  let errors = 0;
-  let firstError = null;
-  const t0 = nowMs();
-  const deadline = t0 + TIMEOUT_MS;
-  const loop = async (pusher) => {
-    while (next < end && nowMs() < deadline) {
-      const i = next++;
-      try {
-        await op(i, pusher);
-        done++;
-      } catch (e) {
-        errors++;
-        if (!firstError) firstError = `${e.code || ''} ${e.message}`.trim();
-        if (errors > 100) return;
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: PUSHERS }, (_, p) => loop(p)));
-  return { done, ms: nowMs() - t0, errors, firstError };
-}
-
 function pushValue(i, pusher) {
   return { i, by: pusher, p: VALUE_PAD };
 }
@@ -713,8 +523,8 @@ async function pushRun(U, mode) {
     s.on('error', () => {});
     try {
       await s.init();
-      warm = await drive((i, p) => s.push(`w:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSH_WARMUP);
-      timed = await drive((i, p) => s.push(`p:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSHES);
+      warm = await drive((i, p) => s.push(`w:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSH_WARMUP, PUSHERS, TIMEOUT_MS);
+      timed = await drive((i, p) => s.push(`p:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSHES, PUSHERS, TIMEOUT_MS);
       const st = s.getStatus();
       extra = { engineMode: st.mode, engineStore: st.store };
     } finally {
@@ -746,8 +556,8 @@ async function pushRun(U, mode) {
           }
         }
       };
-      warm = await drive((i, p) => upsert(`w:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSH_WARMUP);
-      timed = await drive((i, p) => upsert(`p:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSHES);
+      warm = await drive((i, p) => upsert(`w:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSH_WARMUP, PUSHERS, TIMEOUT_MS);
+      timed = await drive((i, p) => upsert(`p:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSHES, PUSHERS, TIMEOUT_MS);
     } finally {
       await pool.end().catch(() => {});
     }
@@ -759,7 +569,7 @@ async function pushRun(U, mode) {
     pushes: PUSHES,
     done: timed.done,
     errors: timed.errors + warm.errors,
-    firstError: timed.firstError || warm.firstError,
+    firstError: timed.firstError || warm.firstError ? errorLine(timed.firstError || warm.firstError) : null,
     completed: timed.done === PUSHES,
     ms: timed.ms,
     pushesPerSec: (timed.done / timed.ms) * 1000,
@@ -786,7 +596,9 @@ async function main() {
   );
 
   const t0server = Date.now();
-  SERVER = await startServer();
+  // Whatever happens from here on (an exception, Ctrl-C), the server goes down with us.
+  stopAllOnExit();
+  SERVER = await startPrivateServer({ name: 'mariadb', label: 'MariaDB', script: SCRIPT, extra: ['binlog'] });
   console.log(`private MariaDB on ${HOST}:${SERVER.port} (${((Date.now() - t0server) / 1000).toFixed(1)} s to start), data in ${SERVER.dir}`);
   let serverInfo = null;
   const rounds = { latency: [], live: [], catchup: [], push: [] };
@@ -800,35 +612,12 @@ async function main() {
     const tmpl = await openUsp(U, 'bench_template', {}, () => {});
     await tmpl.close();
 
-    const t0 = Date.now();
-    const longest = {};
-    const broken = new Set();
     // Runs fn unless the mode is broken or (after round 1) the budget would be passed.
-    const timed = async (key, r, fn) => {
-      if (broken.has(key)) return null;
-      if (r > 1 && Date.now() - t0 + (longest[key] || 0) > BUDGET_MS) {
-        skipped.push(`round ${r} ${key}`);
-        console.log(`  round ${r} ${key.padEnd(22)} skipped: the time budget of ${BUDGET_MS / 1000} s would be exceeded`);
-        return null;
-      }
-      const start = Date.now();
-      try {
-        return await fn();
-      } catch (e) {
-        broken.add(key);
-        const msg = `round ${r} ${key}: failed: ${e.message}`;
-        console.error(`ERROR: ${msg}`);
-        problems.push(msg);
-        return null;
-      } finally {
-        longest[key] = Math.max(longest[key] || 0, Date.now() - start);
-      }
-    };
+    const { timed, broken } = budgetedRuns({ budgetMs: BUDGET_MS, pad: 22, problems, skipped });
 
     for (let r = 1; r <= ROUNDS; r++) {
       // 1. latency
-      const latModes = r % 2 === 1 ? LATENCY_MODES : [...LATENCY_MODES].reverse();
-      for (const mode of latModes) {
+      for (const mode of roundOrder(LATENCY_MODES, r)) {
         const res = await timed(`latency/${mode.name}`, r, () => latencyRun(U, mode));
         if (!res) continue;
         res.round = r;
@@ -838,19 +627,12 @@ async function main() {
           `  round ${r} latency/${mode.name.padEnd(14)} write->listener p50 ${fmt(p.p50)} p99 ${fmt(p.p99)} max ${fmt(p.max)} ms` +
             `  (write ack p50 ${fmt(res.writeAck.p50)} ms; seen ${res.received}/${res.issued}, ${res.measured} measured; mode ${res.listenerMode})`,
         );
-        const tag = `round ${r} latency/${mode.name}`;
-        problems.push(...deliveryProblems(tag, res, res.issued - res.writeErrors));
-        if (res.issued < res.planned) problems.push(`${tag}: only ${res.issued} of ${res.planned} writes issued within the time bound`);
-        if (res.writeErrors) problems.push(`${tag}: ${res.writeErrors} writes failed (${res.firstWriteError})`);
-        if (res.listenerErrors.length) problems.push(`${tag}: listener errors: ${res.listenerErrors.join('; ')}`);
-        const want = mode.options && mode.options.useChangeStreams === false ? 'polling' : 'binlog';
-        if (res.listenerMode !== want) problems.push(`${tag}: capture mode ${res.listenerMode}, expected ${want}`);
+        problems.push(...latencyRunProblems(`round ${r} latency/${mode.name}`, res, mode, { writes: 'writes', capture: 'binlog' }));
         if (res.received < res.issued - res.writeErrors) broken.add(`latency/${mode.name}`);
       }
 
       // 2a. live events/s
-      const pairModes = r % 2 === 1 ? PAIR_MODES : [...PAIR_MODES].reverse();
-      for (const mode of pairModes) {
+      for (const mode of roundOrder(PAIR_MODES, r)) {
         const res = await timed(`live/${mode.name}`, r, () => liveRun(U, mode));
         if (!res) continue;
         res.round = r;
@@ -861,7 +643,7 @@ async function main() {
             ` listener process CPU ${fmt(res.cpuMsPer1kRows)} ms per 1,000 rows)`,
         );
         const tag = `round ${r} live/${mode.name}`;
-        problems.push(...deliveryProblems(tag, res, res.rows));
+        problems.push(...deliveryProblems(tag, { ...res, distinct: res.received }, res.rows));
         if (res.writeErrors) problems.push(`${tag}: ${res.writeErrors} writes failed (${res.firstWriteError})`);
         if (res.listenerErrors.length) problems.push(`${tag}: listener errors: ${res.listenerErrors.join('; ')}`);
         if (res.listenerMode !== 'binlog') problems.push(`${tag}: capture mode ${res.listenerMode}, expected binlog`);
@@ -880,7 +662,7 @@ async function main() {
               ` ${fmt(res.firstToLastEventsPerSec, 0)} events/s from first to last row; CPU ${fmt(res.cpuMsPer1kRows)} ms per 1,000 rows)`,
           );
           const tag = `round ${r} catchup/${res.mode}`;
-          problems.push(...deliveryProblems(tag, res, res.rows));
+          problems.push(...deliveryProblems(tag, { ...res, distinct: res.received }, res.rows));
           if (res.writeErrors) problems.push(`${tag}: ${res.writeErrors} writes failed (${res.firstWriteError})`);
           if (res.listenerErrors.length) problems.push(`${tag}: listener errors: ${res.listenerErrors.join('; ')}`);
           if (!res.completed) broken.add('catchup');
@@ -888,8 +670,7 @@ async function main() {
       }
 
       // 3. push throughput
-      const pushModes = r % 2 === 1 ? PUSH_MODES : [...PUSH_MODES].reverse();
-      for (const mode of pushModes) {
+      for (const mode of roundOrder(PUSH_MODES, r)) {
         const res = await timed(`push/${mode.name}`, r, () => pushRun(U, mode));
         if (!res) continue;
         res.round = r;
@@ -911,25 +692,14 @@ async function main() {
     }
   } finally {
     if (admin) await admin.end().catch(() => {});
-    SERVER.stop();
+    stopServers();
   }
 
   // ---- medians
   const med = (rs, f) => median(rs.map(f));
   const latency = {};
   for (const m of LATENCY_MODES) {
-    const rs = rounds.latency.filter((x) => x.mode === m.name);
-    latency[m.name] = {
-      rounds: rs.length,
-      writesPerRound: m.writes,
-      p50: med(rs, (x) => x.writeToListener.p50),
-      p90: med(rs, (x) => x.writeToListener.p90),
-      p99: med(rs, (x) => x.writeToListener.p99),
-      max: med(rs, (x) => x.writeToListener.max),
-      mean: med(rs, (x) => x.writeToListener.mean),
-      ackP50: med(rs, (x) => x.writeAck.p50),
-      ackP99: med(rs, (x) => x.writeAck.p99),
-    };
+    latency[m.name] = latencyMedians(rounds.latency.filter((x) => x.mode === m.name), m.writes);
   }
   const live = {};
   const catchup = {};
@@ -1055,16 +825,13 @@ async function main() {
   }
   summary.push({ metric: 'MySQL push throughput ratio ultimate-streaming / mysql2', value: ratios.pushUspOverMysql2, unit: 'x' });
 
-  if (problems.length) {
-    console.log('\nPROBLEMS:');
-    for (const p of problems) console.log(`  - ${p}`);
-  }
+  printProblems(problems);
 
   const file = writeResult('mysql', {
     name: 'mysql',
     command,
     date: startedAt.toISOString(),
-    durationSec: Math.round((Date.now() - startedAt.getTime()) / 100) / 10,
+    durationSec: secondsSince(startedAt),
     machine,
     server: serverInfo,
     config: {

@@ -21,13 +21,14 @@
 //                                     [--max-sec=10] [--budget=60]
 
 const {
-  nowMs,
   median,
   fmt,
   printTable,
   tempDbPath,
   removeDb,
   runMain,
+  printProblems,
+  secondsSince,
   writeResult,
   machineFacts,
   loadStreamer,
@@ -35,6 +36,8 @@ const {
   commandFor,
   numberArg,
   waitFor,
+  runBudget,
+  drive,
 } = require('./common');
 
 const TOTAL = Math.floor(numberArg('total', 100_000));
@@ -70,38 +73,6 @@ function valueFor(i, pusher) {
   return { n: i, by: pusher, pad: PAD };
 }
 
-/**
- * Runs `count` operations starting at operation number `from` with PUSHERS concurrent loops,
- * each awaiting `op(i, pusher)` before taking the next number. Bounded by count and by `maxMs`.
- * Resolves { done, ms, errors, firstError }.
- */
-async function drive(op, from, count, maxMs) {
-  let next = from;
-  const end = from + count;
-  let done = 0;
-  let errors = 0;
-  let firstError = null;
-  const t0 = nowMs();
-  const deadline = t0 + maxMs;
-  const loop = async (pusher) => {
-    while (next < end && nowMs() < deadline) {
-      const i = next++;
-      try {
-        await op(i, pusher);
-        done++;
-      } catch (e) {
-        errors++;
-        if (!firstError) firstError = e;
-        if (errors > 100) return; // something is broken; do not spin on it
-      }
-    }
-  };
-  const loops = [];
-  for (let p = 0; p < PUSHERS; p++) loops.push(loop(p));
-  await Promise.all(loops);
-  return { done, ms: nowMs() - t0, errors, firstError };
-}
-
 function checkVersions(Database, dbPath, table) {
   const db = new Database(dbPath, { readonly: true });
   try {
@@ -126,8 +97,8 @@ async function runUsp(UltimateStreamer, Database, mode) {
   try {
     await s.init();
     const op = (i, p) => s.push(`key:${KEY_SEQ[i]}`, valueFor(i, p));
-    warm = await drive(op, 0, WARMUP, MAX_MS);
-    timed = await drive(op, WARMUP, TOTAL, MAX_MS);
+    warm = await drive(op, 0, WARMUP, PUSHERS, MAX_MS);
+    timed = await drive(op, WARMUP, TOTAL, PUSHERS, MAX_MS);
     if (mode.listener) await waitFor(() => events >= warm.done + timed.done, 10_000, 5);
     status = s.getStatus();
   } finally {
@@ -173,8 +144,8 @@ async function runBsq(Database) {
       const row = upsert.get(key, JSON.stringify(valueFor(i, p)), Date.now() * 1000);
       return { key, version: row.version };
     };
-    warm = await drive(op, 0, WARMUP, MAX_MS);
-    timed = await drive(op, WARMUP, TOTAL, MAX_MS);
+    warm = await drive(op, 0, WARMUP, PUSHERS, MAX_MS);
+    timed = await drive(op, WARMUP, TOTAL, PUSHERS, MAX_MS);
   } finally {
     db.close();
   }
@@ -201,18 +172,13 @@ async function main() {
   const rounds = [];
   const problems = [];
   const skipped = [];
-  const longest = {};
-  const t0 = Date.now();
+  const budget = runBudget(BUDGET_MS, skipped, 14);
   for (let r = 1; r <= ROUNDS; r++) {
     for (const mode of MODES) {
-      if (r > 1 && Date.now() - t0 + (longest[mode.name] || 0) > BUDGET_MS) {
-        skipped.push(`round ${r} ${mode.name}`);
-        console.log(`  round ${r} ${mode.name.padEnd(14)} skipped: the time budget of ${BUDGET_MS / 1000} s would be exceeded`);
-        continue;
-      }
+      if (budget.skip(mode.name, r)) continue;
       const runStart = Date.now();
       const res = mode.kind === 'usp' ? await runUsp(UltimateStreamer, Database, mode) : await runBsq(Database);
-      longest[mode.name] = Math.max(longest[mode.name] || 0, Date.now() - runStart);
+      budget.record(mode.name, runStart);
       const pushesPerSec = (res.timed.done / res.timed.ms) * 1000;
       const out = {
         round: r,
@@ -281,15 +247,12 @@ async function main() {
     { metric: "ratio push() / better-sqlite3 (with 'change' listener)", value: ratioListener, unit: 'x' },
   ];
 
-  if (problems.length) {
-    console.log('\nPROBLEMS:');
-    for (const p of problems) console.log(`  - ${p}`);
-  }
+  printProblems(problems);
   const file = writeResult('push-throughput', {
     name: 'push-throughput',
     command,
     date: startedAt.toISOString(),
-    durationSec: Math.round((Date.now() - startedAt.getTime()) / 100) / 10,
+    durationSec: secondsSince(startedAt),
     machine,
     config: { total: TOTAL, pushers: PUSHERS, keys: KEYS, warmup: WARMUP, rounds: ROUNDS, maxSec: MAX_MS / 1000, budgetSec: BUDGET_MS / 1000, modes: MODES },
     ok: problems.length === 0,

@@ -7,8 +7,8 @@
 // The script starts a private MariaDB (scripts/mariadb.sh: a temp data dir, a free port on
 // 127.0.0.1, binlog on) and a private Redis (scripts/redis.sh: a temp dir, a free port on
 // 127.0.0.1, appendonly yes with appendfsync always, i.e. an fsync per write; --appendfsync=everysec
-// for Redis's default policy, an fsync per second) and stops both at the
-// end, also on failure and on SIGINT/SIGTERM. Every instance is a child process (this file run
+// for Redis's default policy, an fsync per second) and stops both at the end, also on failure and
+// on SIGINT/SIGTERM (benchmark/processes.js). Every instance is a child process (this file run
 // with --instance, forked; nothing else runs in it), driven over IPC. Every run uses a fresh table
 // and a fresh Redis keyPrefix, so every run is a stream of its own. Instances of one run get the
 // same options (table, redis) and distinct mysql.serverId values; the leader is started first and
@@ -40,9 +40,10 @@
 // 2. Fan-out, deliveries/s to WebSocket clients. Every instance calls
 //    `listen({ port: 0, host: '127.0.0.1', slowConsumer: { policy: 'disconnect', maxQueueBytes:
 //    64 MiB } })`. The clients come from the Rust load generator of benchmark/fanout.js
-//    (benchmark/loadgen, built on first use), always INSTANCES processes of CLIENTS clients each
-//    (each subscribed to `kv:*`), with --loadgen-threads threads each, so the client side is the
-//    same in every mode; only where they connect differs:
+//    (benchmark/loadgen, built on first use, driven through benchmark/loadgen.js), always
+//    INSTANCES processes of CLIENTS clients each (each subscribed to `kv:*`), with
+//    --loadgen-threads threads each, so the client side is the same in every mode; only where
+//    they connect differs:
 //      1x plain   one instance without options.redis, all INSTANCES x CLIENTS clients on it;
 //      1x redis   one instance with options.redis (leader, reads its own stream), all clients;
 //      Nx redis   INSTANCES instances with options.redis (one leader, the others followers),
@@ -98,26 +99,38 @@
 // A quick check that everything works: node benchmark/redis.js --rounds=1 --latency-writes=200
 //   --clients=100 --events=200 --cache-keys=2000 --gets=2000 --other-gets=1000 --l1-bytes=262144
 
-const fs = require('node:fs');
-const os = require('node:os');
-const net = require('node:net');
 const path = require('node:path');
-const { fork, spawn, spawnSync, execFileSync } = require('node:child_process');
+const { fork, execFileSync } = require('node:child_process');
 const {
   ROOT,
   nowMs,
+  wallMs,
   sleep,
+  withTimeout,
   summarize,
   median,
   fmt,
+  ratioCell,
   printTable,
   runMain,
+  printProblems,
+  secondsSince,
   writeResult,
   machineFacts,
   loadStreamer,
   commandFor,
   numberArg,
+  stringArg,
+  budgetedRuns,
+  roundOrder,
+  drive,
+  errorLine,
+  sequentialWriter,
+  samples,
+  deliveryProblems,
 } = require('./common');
+const { track, killChildren, stopServers, stopAllOnExit, startPrivateServer, processCpuMs } = require('./processes');
+const { BUILD_COMMAND, ensureLoadgen, startLoadgen, loadgenProblems } = require('./loadgen.js');
 
 const ROUNDS = Math.floor(numberArg('rounds', 3));
 const APPENDFSYNC = stringArg('appendfsync', 'always');
@@ -171,16 +184,6 @@ const CACHE_MODES = [
   { name: 'no-l2', label: 'L1 + MariaDB, redis.cache false', cache: false },
 ];
 
-function stringArg(name, dflt) {
-  const prefix = `--${name}=`;
-  const a = process.argv.find((x) => x.startsWith(prefix));
-  return a ? a.slice(prefix.length) : dflt;
-}
-
-function wallMs() {
-  return performance.timeOrigin + performance.now();
-}
-
 /** The system-wide monotonic clock in ms (fractional): comparable between processes. */
 function monoMs() {
   return Number(process.hrtime.bigint()) / 1e6;
@@ -188,10 +191,6 @@ function monoMs() {
 
 function upsertSql(table) {
   return `INSERT INTO \`${table}\` (k, v, version, deleted) VALUES (?, ?, 1, 0) ON DUPLICATE KEY UPDATE v = VALUES(v), version = version + 1, deleted = 0`;
-}
-
-function ratioCell(v) {
-  return Number.isNaN(v) ? 'n/a' : `${fmt(v)}x`;
 }
 
 /** A small seeded PRNG (mulberry32): the same key sequence for every mode of the cache section. */
@@ -320,27 +319,8 @@ function instanceMain() {
   }
 
   async function fill(m) {
-    let next = 0;
-    let done = 0;
-    let errors = 0;
-    let firstError = null;
-    const t0 = nowMs();
-    const deadline = t0 + m.timeoutMs;
-    const loop = async () => {
-      while (next < m.n && nowMs() < deadline) {
-        const i = next++;
-        try {
-          await s.push(`${m.prefix}${i}`, { i, p: m.pad });
-          done++;
-        } catch (e) {
-          errors++;
-          if (!firstError) firstError = `${e.code || ''} ${e.message}`.trim();
-          if (errors > 100) return;
-        }
-      }
-    };
-    await Promise.all(Array.from({ length: m.concurrency }, loop));
-    return { done, errors, firstError, ms: nowMs() - t0 };
+    const r = await drive((i) => s.push(`${m.prefix}${i}`, { i, p: m.pad }), 0, m.n, m.concurrency, m.timeoutMs);
+    return { done: r.done, errors: r.errors, firstError: r.firstError ? errorLine(r.firstError) : null, ms: r.ms };
   }
 
   /** `count` get() calls on keys `prefix<k>`, k from the seeded sequence, `concurrency` in flight. */
@@ -383,98 +363,7 @@ function instanceMain() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The driver's side: private servers, instances, load generators
-
-const CHILDREN = new Set(); // every child process, stopped on exit, failure and signals
-const SERVERS = []; // { stop() } of the private servers, stopped at the end
-
-function killAll() {
-  for (const c of CHILDREN) {
-    try {
-      if (c.killGroup) process.kill(-c.pid, 'SIGKILL');
-      else c.kill('SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
-  CHILDREN.clear();
-}
-
-function stopServers() {
-  for (const srv of SERVERS.splice(0).reverse()) srv.stop();
-}
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, HOST, () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-function sh(script, args) {
-  return execFileSync('bash', [script, ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 120_000 });
-}
-
-/** Starts a private server with `script start DIR PORT ...extra`; `pidFile` names its pid file in DIR. */
-async function startPrivate(name, script, extra, pidFile) {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `usp-bench-${name}-`));
-  const port = await freePort();
-  const server = { name, dir, port, running: true }; // a half-started server is stopped too
-  server.stop = () => {
-    if (server.running) {
-      server.running = false;
-      try {
-        sh(script, ['stop', dir]);
-      } catch (e) {
-        console.error(`[bench] stopping ${name} failed: ${e.stderr || e.message}`);
-      }
-    }
-    try {
-      fs.rmSync(dir, { recursive: true, force: true });
-    } catch {
-      // leave it
-    }
-  };
-  server.pid = () => {
-    try {
-      return Number(fs.readFileSync(path.join(dir, pidFile), 'utf8').trim());
-    } catch {
-      return null;
-    }
-  };
-  SERVERS.push(server);
-  try {
-    sh(script, ['start', dir, String(port), ...extra]);
-  } catch (e) {
-    throw new Error(`cannot start the private ${name}: ${e.stderr || e.message}`);
-  }
-  return server;
-}
-
-const CLK_TCK = (() => {
-  try {
-    return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
-  } catch {
-    return 100;
-  }
-})();
-
-/** CPU time (user + system, ms) of a process from /proc/<pid>/stat; NaN when unreadable. */
-function procCpuMs(pid) {
-  if (!pid) return NaN;
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return ((Number(f[11]) + Number(f[12])) * 1000) / CLK_TCK; // utime, stime (fields 14, 15)
-  } catch {
-    return NaN;
-  }
-}
+// The driver's side: instances (child processes and private servers: processes.js)
 
 let MARIADB = null;
 let REDIS = null;
@@ -518,8 +407,7 @@ class Instance {
     this.nextId = 1;
     this.exited = false;
     this.onSeen = null;
-    this.child = fork(__filename, ['--instance'], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: [] });
-    CHILDREN.add(this.child);
+    this.child = track(fork(__filename, ['--instance'], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: [] }));
     this.child.on('message', (m) => {
       if (m && m.type === 'seen') {
         if (this.onSeen) this.onSeen(m);
@@ -533,7 +421,6 @@ class Instance {
     });
     this.child.on('exit', (code, signal) => {
       this.exited = true;
-      CHILDREN.delete(this.child);
       const err = new Error(`instance ${this.tag} exited (${signal || code})`);
       for (const p of this.pending.values()) {
         clearTimeout(p.timer);
@@ -604,8 +491,7 @@ async function latencyRun(mode) {
   const seenAt = Array.from({ length: n }, () => new Float64Array(total).fill(NaN));
   const engineLat = Array.from({ length: n }, () => new Float64Array(total).fill(NaN));
   const sent = new Float64Array(total).fill(NaN);
-  const ack = new Float64Array(total).fill(NaN);
-  let waiter = null; // { i, resolve } of the write we wait for
+  const writer = sequentialWriter();
   const complete = (i) => seenAt.every((a) => !Number.isNaN(a[i]));
   const configs = Array.from({ length: n }, () => instanceConfig(st, { redis: mode.redis }));
   const list = await startInstances(configs, { track: { prefix: 'lat:', n: total, report: true } });
@@ -613,50 +499,29 @@ async function latencyRun(mode) {
     inst.onSeen = (m) => {
       seenAt[k][m.i] = m.t;
       engineLat[k][m.i] = m.lat;
-      if (waiter && waiter.i === m.i && complete(m.i)) waiter.resolve(true);
+      if (complete(m.i)) writer.arrived(m.i);
     };
   });
   let conn = null;
-  let issued = 0;
-  let timeouts = 0;
-  let writeErrors = 0;
-  let firstWriteError = null;
+  let w = null; // the write loop's outcome
   let trackers = [];
   let statuses = [];
   try {
     conn = await mysql2().createConnection({ host: HOST, port: MARIADB.port, user: USER, password: PASSWORD, database: DATABASE });
     const sql = upsertSql(st.table);
     await conn.prepare(sql);
-    const deadline = nowMs() + TIMEOUT_MS;
-    for (let i = 0; i < total && nowMs() < deadline; i++) {
-      const seenP = new Promise((resolve) => (waiter = { i, resolve }));
-      const t0 = nowMs();
-      sent[i] = monoMs();
-      issued++;
-      try {
-        await conn.execute(sql, [`lat:${i}`, `{"i":${i},"p":"${VALUE_PAD}"}`]);
-        ack[i] = nowMs() - t0;
-      } catch (e) {
-        writeErrors++;
-        if (!firstWriteError) firstWriteError = e.message;
-        waiter = null;
-        if (writeErrors > 5) break;
-        continue;
-      }
-      if (!complete(i)) {
-        let timer;
-        const ok = await Promise.race([seenP, new Promise((resolve) => (timer = setTimeout(() => resolve(false), 5000)))]);
-        clearTimeout(timer);
-        if (!ok) {
-          timeouts++;
-          if (timeouts > 5) break; // an instance is not delivering; do not spend the time bound on it
-        }
-      }
-      waiter = null;
-    }
+    // An instance that is not delivering ends the loop after 5 waits of 5 s.
+    w = await writer.run({
+      total,
+      boundMs: TIMEOUT_MS,
+      waitMs: 5000,
+      onSend: (i) => (sent[i] = monoMs()),
+      write: (i) => conn.execute(sql, [`lat:${i}`, `{"i":${i},"p":"${VALUE_PAD}"}`]),
+      seen: complete,
+    });
     // Late rows, then strays and duplicates.
-    const until = nowMs() + (timeouts ? 5000 : 0);
-    while (nowMs() < until && !Array.from({ length: issued }, (_, i) => i).every(complete)) await sleep(5);
+    const until = nowMs() + (w.timeouts ? 5000 : 0);
+    while (nowMs() < until && !Array.from({ length: w.issued }, (_, i) => i).every(complete)) await sleep(5);
     await sleep(100);
     trackers = await Promise.all(list.map((x) => x.call('tracker')));
     statuses = (await Promise.all(list.map((x) => x.call('status')))).map((r) => r.status);
@@ -665,14 +530,11 @@ async function latencyRun(mode) {
     await closeAll(list);
   }
 
+  const { issued, timeouts, writeErrors, firstWriteError, ack } = w;
   const perInstance = [];
   for (let k = 0; k < n; k++) {
-    const lat = [];
-    const eng = [];
-    for (let i = LATENCY_WARMUP; i < issued; i++) {
-      if (!Number.isNaN(seenAt[k][i])) lat.push(seenAt[k][i] - sent[i]);
-      if (!Number.isNaN(engineLat[k][i])) eng.push(engineLat[k][i]);
-    }
+    const lat = samples(LATENCY_WARMUP, issued, (i) => seenAt[k][i] - sent[i]);
+    const eng = samples(LATENCY_WARMUP, issued, (i) => engineLat[k][i]);
     perInstance.push({
       instance: list[k].tag,
       role: list[k].info.role,
@@ -688,14 +550,8 @@ async function latencyRun(mode) {
       bus: statuses[k] ? statuses[k].bus : null,
     });
   }
-  const diff = [];
-  if (n > 1) {
-    for (let i = LATENCY_WARMUP; i < issued; i++) {
-      if (!Number.isNaN(seenAt[1][i]) && !Number.isNaN(seenAt[0][i])) diff.push(seenAt[1][i] - seenAt[0][i]);
-    }
-  }
-  const acks = [];
-  for (let i = LATENCY_WARMUP; i < issued; i++) if (!Number.isNaN(ack[i])) acks.push(ack[i]);
+  const diff = n > 1 ? samples(LATENCY_WARMUP, issued, (i) => seenAt[1][i] - seenAt[0][i]) : [];
+  const acks = samples(LATENCY_WARMUP, issued, (i) => ack[i]);
   return {
     mode: mode.name,
     table: st.table,
@@ -719,9 +575,7 @@ function latencyProblems(tag, res) {
   if (res.writeErrors) p.push(`${tag}: ${res.writeErrors} writes failed (${res.firstWriteError})`);
   for (const x of res.instances) {
     const t = `${tag} instance ${x.instance} (${x.role || x.mode})`;
-    if (x.received < expected) p.push(`${t}: ${expected - x.received} of ${expected} rows never reached the listener`);
-    if (x.duplicates) p.push(`${t}: ${x.duplicates} rows delivered twice`);
-    if (x.unexpected) p.push(`${t}: ${x.unexpected} rows with unknown keys`);
+    p.push(...deliveryProblems(t, { distinct: x.received, duplicates: x.duplicates, unexpected: x.unexpected }, expected));
     if (x.notices && x.notices.resyncs.length) p.push(`${t}: resync: ${x.notices.resyncs.join('; ')}`);
     if (x.notices && x.notices.errors.length) p.push(`${t}: errors: ${x.notices.errors.join('; ')}`);
   }
@@ -730,108 +584,6 @@ function latencyProblems(tag, res) {
 
 // ---------------------------------------------------------------------------------------------
 // 2. Fan-out
-
-const LOADGEN_DIR = path.join(__dirname, 'loadgen');
-const LOADGEN_TARGET = path.join(ROOT, 'target', 'loadgen');
-const LOADGEN_BIN = path.join(LOADGEN_TARGET, 'release', 'usp-fanout-loadgen');
-
-/** Builds benchmark/loadgen (as benchmark/fanout.js does) when its binary is missing or stale. */
-async function ensureLoadgen() {
-  const sources = [path.join(LOADGEN_DIR, 'Cargo.toml'), path.join(LOADGEN_DIR, 'Cargo.lock'), path.join(LOADGEN_DIR, 'src', 'main.rs')];
-  const newest = Math.max(...sources.map((f) => fs.statSync(f).mtimeMs));
-  if (fs.existsSync(LOADGEN_BIN) && fs.statSync(LOADGEN_BIN).mtimeMs >= newest) return { built: false, seconds: 0 };
-  const probe = spawnSync('cargo', ['--version'], { encoding: 'utf8' });
-  if (probe.error || probe.status !== 0) {
-    throw new Error(
-      'cargo not found: the fan-out section needs Rust to build its load generator (benchmark/loadgen) on first use; ' +
-        'build it with: cargo build --release --manifest-path benchmark/loadgen/Cargo.toml --target-dir target/loadgen',
-    );
-  }
-  const args = ['build', '--release', '--locked', '--manifest-path', path.join(LOADGEN_DIR, 'Cargo.toml'), '--target-dir', LOADGEN_TARGET];
-  console.log(`building the load generator: cargo ${args.map((a) => path.relative(ROOT, a) || a).join(' ')}`);
-  const t0 = Date.now();
-  const cargo = spawn('cargo', args, { cwd: ROOT, stdio: ['ignore', 'inherit', 'inherit'], detached: true });
-  cargo.killGroup = true; // its own process group: killAll stops the compilers too
-  CHILDREN.add(cargo);
-  const timer = setTimeout(() => cargo.kill('SIGKILL'), 900_000);
-  const status = await new Promise((resolve) => {
-    cargo.on('error', (e) => resolve(e.message));
-    cargo.on('exit', (code, sig) => resolve(code === 0 ? 0 : sig || `exit code ${code}`));
-  });
-  clearTimeout(timer);
-  CHILDREN.delete(cargo);
-  if (status !== 0) throw new Error(`building the load generator failed (${status})`);
-  return { built: true, seconds: (Date.now() - t0) / 1000 };
-}
-
-/** One load generator process: CLIENTS clients on `url`; `ready` on its `ready` line, `resultWithin(ms)`. */
-function startLoadgen(url) {
-  const args = ['--url', url, '--clients', String(CLIENTS), '--mode', 'usp', '--expect', String(EVENTS)];
-  args.push('--timeout', String(Math.ceil(TIMEOUT_MS / 1000)), '--threads', String(LOADGEN_THREADS), '--exit-on-stdin-eof');
-  const child = spawn(LOADGEN_BIN, args, { stdio: ['pipe', 'pipe', 'pipe'] });
-  CHILDREN.add(child);
-  let out = '';
-  let err = '';
-  let result = null;
-  let onReady;
-  let onFail;
-  const ready = new Promise((resolve, reject) => {
-    onReady = resolve;
-    onFail = reject;
-  });
-  ready.catch(() => {}); // awaited by the caller; an early exit must not be an unhandled rejection
-  child.stdout.setEncoding('utf8');
-  child.stdout.on('data', (d) => {
-    out += d;
-    let nl;
-    while ((nl = out.indexOf('\n')) >= 0) {
-      const line = out.slice(0, nl).trim();
-      out = out.slice(nl + 1);
-      if (line === 'ready') onReady();
-      else if (line.startsWith('{')) {
-        try {
-          result = JSON.parse(line);
-        } catch {
-          err += `unparsable line: ${line.slice(0, 200)}\n`;
-        }
-      }
-    }
-  });
-  child.stderr.setEncoding('utf8');
-  child.stderr.on('data', (d) => {
-    if (err.length < 4000) err += d;
-  });
-  const exited = new Promise((resolve) => {
-    child.on('exit', (code, signal) => {
-      CHILDREN.delete(child);
-      onFail(new Error(`load generator exited (${signal || code}) before it was ready: ${err.trim().slice(0, 500) || 'no message'}`));
-      resolve({ code, signal });
-    });
-    child.on('error', (e) => {
-      onFail(e);
-      resolve({ code: null, signal: null, error: e.message });
-    });
-  });
-  const resultWithin = async (ms) => {
-    let timer;
-    const ex = await Promise.race([exited, new Promise((resolve) => (timer = setTimeout(() => resolve(null), ms)))]);
-    clearTimeout(timer);
-    if (!ex) {
-      child.kill('SIGKILL');
-      throw new Error(`load generator did not finish within ${ms / 1000} s`);
-    }
-    if (!result) throw new Error(`load generator gave no result (exit ${ex.signal || ex.code}): ${err.trim().slice(0, 500)}`);
-    return { ...result, exitCode: ex.code, stderr: err.trim() };
-  };
-  return { ready, resultWithin, kill: () => child.kill('SIGKILL') };
-}
-
-function withTimeout(p, ms, what) {
-  let timer;
-  return Promise.race([p, new Promise((_, reject) => (timer = setTimeout(() => reject(new Error(`${what}: not within ${ms / 1000} s`)), ms)))]).finally(() =>
-    clearTimeout(timer),
-  );
-}
 
 async function fanoutRun(mode, pad) {
   const st = freshStream('fan');
@@ -844,9 +596,10 @@ async function fanoutRun(mode, pad) {
     for (let g = 0; g < INSTANCES; g++) {
       const k = g % list.length;
       perInstance[k] += CLIENTS;
-      lgs.push(startLoadgen(list[k].info.url));
+      lgs.push(startLoadgen({ url: list[k].info.url, clients: CLIENTS, mode: 'usp', expect: EVENTS, timeoutMs: TIMEOUT_MS, threads: LOADGEN_THREADS }));
     }
-    await withTimeout(Promise.all(lgs.map((l) => l.ready)), TIMEOUT_MS + 10_000, 'load generators ready');
+    const readyMs = TIMEOUT_MS + 10_000;
+    await withTimeout(Promise.all(lgs.map((l) => l.ready)), readyMs, `load generators ready: not within ${readyMs / 1000} s`);
     // Every hub must count its clients before the first event.
     const until = nowMs() + 10_000;
     let counts = [];
@@ -858,13 +611,13 @@ async function fanoutRun(mode, pad) {
     if (!counts.every((c, k) => c === perInstance[k])) throw new Error(`the hubs count ${counts.join(', ')} clients, expected ${perInstance.join(', ')}`);
 
     const marks = await Promise.all(list.map((x) => x.call('mark')));
-    const redisCpu0 = procCpuMs(REDIS.pid());
-    const mariaCpu0 = procCpuMs(MARIADB.pid());
+    const redisCpu0 = processCpuMs(REDIS.pid());
+    const mariaCpu0 = processCpuMs(MARIADB.pid());
     const sentP = list[0].call('pushBurst', { events: EVENTS, chunk: CHUNK, pad, timeoutMs: TIMEOUT_MS }, TIMEOUT_MS + 10_000);
     sentP.catch(() => {}); // awaited below; the load generators' outcome comes first
     const results = await Promise.all(lgs.map((l) => l.resultWithin(TIMEOUT_MS + 15_000)));
-    const redisCpuMs = procCpuMs(REDIS.pid()) - redisCpu0;
-    const mariaCpuMs = procCpuMs(MARIADB.pid()) - mariaCpu0;
+    const redisCpuMs = processCpuMs(REDIS.pid()) - redisCpu0;
+    const mariaCpuMs = processCpuMs(MARIADB.pid()) - mariaCpu0;
     const sent = await sentP;
     const stats = await Promise.all(list.map((x) => x.call('stats')));
     const trackers = await Promise.all(list.map((x) => x.call('tracker')));
@@ -937,16 +690,7 @@ async function fanoutRun(mode, pad) {
 function fanoutProblems(tag, res) {
   const p = [];
   for (const [g, lg] of res.loadgens.entries()) {
-    const t = `${tag} load generator ${g + 1}`;
-    if (!lg.allReady) p.push(`${t}: only ${lg.ready} of ${CLIENTS} clients ready`);
-    if (lg.timedOut) p.push(`${t}: not every client had every event after ${TIMEOUT_MS / 1000} s`);
-    if (lg.completeClients !== CLIENTS || lg.minPerClient !== EVENTS || lg.maxPerClient !== EVENTS) {
-      p.push(`${t}: ${lg.completeClients} of ${CLIENTS} clients got exactly ${EVENTS} events (per client min ${lg.minPerClient}, max ${lg.maxPerClient})`);
-    }
-    if (lg.gaps) p.push(`${t}: ${lg.gaps} gap frames`);
-    if (lg.errors) p.push(`${t}: ${lg.errors} client errors (${lg.firstErrors.join('; ')})`);
-    const codes = Object.entries(lg.closeCodes || {});
-    if (codes.length) p.push(`${t}: clients closed by the server: ${codes.map(([c, n]) => `${n} x ${c}`).join(', ')}`);
+    p.push(...loadgenProblems(`${tag} load generator ${g + 1}`, lg, { clients: CLIENTS, expect: EVENTS, timeoutMs: TIMEOUT_MS }));
   }
   if (res.deliveries !== res.expected) p.push(`${tag}: ${res.deliveries} deliveries, expected ${res.expected}`);
   if (res.pushErrors) p.push(`${tag}: ${res.pushErrors} push() calls failed (${res.firstPushError})`);
@@ -1081,18 +825,9 @@ async function main() {
   if (unknown.length) throw new Error(`--parts: ${unknown.join(',')} is not one of ${ALL_PARTS.join(',')}`);
   const want = (x) => parts.includes(x);
   await loadStreamer(); // fail early when the native binary is missing
-  const onSignal = (sig) => {
-    killAll();
-    stopServers();
-    process.exit(sig === 'SIGINT' ? 130 : 143);
-  };
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
-  process.on('exit', () => {
-    killAll();
-    stopServers();
-  });
-  const build = want('fanout') ? await ensureLoadgen() : { built: false, seconds: 0 };
+  stopAllOnExit();
+  const cargoMissing = `cargo not found: the fan-out section needs Rust to build its load generator (benchmark/loadgen) on first use; build it with: ${BUILD_COMMAND}`;
+  const build = want('fanout') ? await ensureLoadgen(cargoMissing) : { built: false, seconds: 0 };
   if (build.built) console.log(`load generator built in ${build.seconds.toFixed(1)} s (not part of any measurement)`);
   const fanPad = fanoutPad(EVENT_BYTES);
   console.log(
@@ -1102,8 +837,8 @@ async function main() {
   );
 
   const t0server = Date.now();
-  MARIADB = await startPrivate('mariadb', MARIADB_SH, ['binlog'], 'mysqld.pid');
-  REDIS = await startPrivate('redis', REDIS_SH, [APPENDFSYNC], 'redis.pid');
+  MARIADB = await startPrivateServer({ name: 'mariadb', script: MARIADB_SH, extra: ['binlog'], pidFile: 'mysqld.pid' });
+  REDIS = await startPrivateServer({ name: 'redis', script: REDIS_SH, extra: [APPENDFSYNC], pidFile: 'redis.pid' });
   console.log(
     `private MariaDB on ${HOST}:${MARIADB.port}, Redis on ${HOST}:${REDIS.port} (${((Date.now() - t0server) / 1000).toFixed(1)} s to start)`,
   );
@@ -1117,35 +852,12 @@ async function main() {
     const redisVersion = execFileSync('redis-server', ['--version'], { encoding: 'utf8', timeout: 10_000 }).trim();
     serverInfo = { mariadb: v, redis: redisVersion };
 
-    const t0 = Date.now();
-    const longest = {};
-    const broken = new Set();
     // Runs fn unless the mode is broken or (after round 1) the budget would be passed.
-    const timed = async (key, r, fn) => {
-      if (broken.has(key)) return null;
-      if (r > 1 && Date.now() - t0 + (longest[key] || 0) > BUDGET_MS) {
-        skipped.push(`round ${r} ${key}`);
-        console.log(`  round ${r} ${key.padEnd(20)} skipped: the time budget of ${BUDGET_MS / 1000} s would be exceeded`);
-        return null;
-      }
-      const start = Date.now();
-      try {
-        return await fn();
-      } catch (e) {
-        broken.add(key);
-        const msg = `round ${r} ${key}: failed: ${e.message}`;
-        console.error(`ERROR: ${msg}`);
-        problems.push(msg);
-        return null;
-      } finally {
-        longest[key] = Math.max(longest[key] || 0, Date.now() - start);
-      }
-    };
-    const order = (modes, r) => (r % 2 === 1 ? modes : [...modes].reverse());
+    const { timed, broken } = budgetedRuns({ budgetMs: BUDGET_MS, pad: 20, problems, skipped });
 
     for (let r = 1; r <= ROUNDS; r++) {
       if (want('latency')) {
-        for (const mode of order(LATENCY_MODES, r)) {
+        for (const mode of roundOrder(LATENCY_MODES, r)) {
           const key = `latency/${mode.name}`;
           const res = await timed(key, r, () => latencyRun(mode));
           if (!res) continue;
@@ -1161,7 +873,7 @@ async function main() {
         }
       }
       if (want('fanout')) {
-        for (const mode of order(FANOUT_MODES, r)) {
+        for (const mode of roundOrder(FANOUT_MODES, r)) {
           const key = `fanout/${mode.name}`;
           const start = Date.now();
           const res = await timed(key, r, () => fanoutRun(mode, fanPad));
@@ -1181,7 +893,7 @@ async function main() {
         }
       }
       if (want('cache')) {
-        for (const mode of order(CACHE_MODES, r)) {
+        for (const mode of roundOrder(CACHE_MODES, r)) {
           const key = `cache/${mode.name}`;
           const res = await timed(key, r, () => cacheRun(mode, r));
           if (!res) continue;
@@ -1201,7 +913,7 @@ async function main() {
     }
   } finally {
     if (admin) await admin.end().catch(() => {});
-    killAll();
+    killChildren();
     stopServers();
   }
 
@@ -1405,11 +1117,8 @@ async function main() {
     summary.push({ metric: `Redis bus: gets/s with ${GET_CONCURRENCY} in flight, ${m.name}`, value: cache[m.name].concurrent.getsPerSec, unit: 'gets/s' });
   }
 
-  if (problems.length) {
-    console.log('\nPROBLEMS:');
-    for (const p of problems) console.log(`  - ${p}`);
-  }
-  const durationSec = Math.round((Date.now() - startedAt.getTime()) / 100) / 10;
+  printProblems(problems);
+  const durationSec = secondsSince(startedAt);
   const file = writeResult('redis', {
     name: 'redis',
     command,
