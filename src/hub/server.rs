@@ -21,6 +21,9 @@ use super::{Conn, Shared};
 use crate::core::history::Replay;
 use crate::event::Event;
 
+/// Read buffer of a WebSocket connection, bytes.
+const READ_BUFFER: usize = 4096;
+
 /// Most events in one `events` frame.
 const FRAME_EVENTS: usize = 1000;
 
@@ -74,7 +77,13 @@ async fn upgrade(
     }
     let token = query_token(&uri);
     let max = shared.config.max_payload;
-    let ws = ws.max_message_size(max).max_frame_size(max);
+    // Clients send small control messages: a small read buffer (the default is 128 KiB per
+    // connection, most of a hub's memory with thousands of clients). Larger messages still
+    // arrive whole, up to `max`.
+    let ws = ws
+        .max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(READ_BUFFER);
     let n = shared.metrics.connections.fetch_add(1, Relaxed) + 1;
     let full = n > shared.config.max_connections;
     ws.on_upgrade(move |socket| async move {
