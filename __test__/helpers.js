@@ -151,6 +151,44 @@ function startHubClient(url, channels) {
   };
 }
 
+/**
+ * The streamers of a test file, each closed after its test: returns `make(config)`. Call once
+ * per file, at the top (it registers the `afterEach`).
+ */
+function streamerPool() {
+  const UltimateStreamer = require('..');
+  const streamers = [];
+  afterEach(async () => {
+    await Promise.all(streamers.splice(0).map((s) => s.close()));
+  });
+  return (config) => {
+    const s = new UltimateStreamer(config);
+    streamers.push(s);
+    return s;
+  };
+}
+
+/** Collects 'change' and 'mode' events; `versions(key)` lists a key's versions in arrival order. */
+function collectChanges(s) {
+  const events = [];
+  const modes = [];
+  s.on('change', (e) => events.push(e));
+  s.on('mode', (e) => modes.push(e));
+  return {
+    events,
+    modes,
+    count: () => events.length,
+    versions: (key) => events.filter((e) => e.key === key).map((e) => e.version),
+  };
+}
+
+let nameNo = 0;
+/** A name no other test of this run uses: `<prefix>_<n>_<pid>`. */
+function freshName(prefix) {
+  nameNo += 1;
+  return `${prefix}_${nameNo}_${process.pid}`;
+}
+
 module.exports = {
   sqliteExternal,
   holdWriteLock,
@@ -162,4 +200,7 @@ module.exports = {
   rejectsWithCode,
   throwsWithCode,
   startHubClient,
+  streamerPool,
+  collectChanges,
+  freshName,
 };

@@ -5,7 +5,7 @@
 // it unchanged; tests that restart or replace the server need the private one and say so.
 const { MongoClient } = require('mongodb');
 const UltimateStreamer = require('..');
-const { waitFor, rejectsWithCode, throwsWithCode } = require('./helpers');
+const { waitFor, rejectsWithCode, throwsWithCode, streamerPool, collectChanges, freshName } = require('./helpers');
 const { startMongo } = require('./mongo');
 
 jest.setTimeout(120_000);
@@ -26,31 +26,11 @@ afterAll(async () => {
   if (rs) await rs.stop();
 });
 
-const streamers = [];
-let dbNo = 0;
 /** A database name of its own per test, so tests never see each other's documents. */
-function freshDb() {
-  dbNo += 1;
-  return `usp_${process.pid}_${dbNo}`;
-}
-function make(server, dbName, options = {}) {
-  const s = new UltimateStreamer({ database: 'mongodb', connection: { uri: server.uri, database: dbName }, options });
-  streamers.push(s);
-  return s;
-}
-afterEach(async () => {
-  await Promise.all(streamers.splice(0).map((s) => s.close()));
-});
-
-function collect(s) {
-  const events = [];
-  s.on('change', (e) => events.push(e));
-  return {
-    events,
-    count: () => events.length,
-    versions: (key) => events.filter((e) => e.key === key).map((e) => e.version),
-  };
-}
+const freshDb = () => freshName('usp');
+const pool = streamerPool();
+const make = (server, dbName, options = {}) => pool({ database: 'mongodb', connection: { uri: server.uri, database: dbName }, options });
+const collect = collectChanges;
 
 /** Pushes until each call is committed, retrying while the server is away. */
 async function pushRetrying(s, key, value, deadline) {
@@ -115,8 +95,7 @@ describe('store contract and change streams', () => {
 
   privateServerTest('the flat config shape of the API reference connects too', async () => {
     const dbName = freshDb();
-    const s = new UltimateStreamer({ dbType: 'mongodb', host: '127.0.0.1', port: rs.port, database: dbName, pollingInterval: 500 });
-    streamers.push(s);
+    const s = pool({ dbType: 'mongodb', host: '127.0.0.1', port: rs.port, database: dbName, pollingInterval: 500 });
     const seen = collect(s);
     await s.init();
     expect(s.getStatus().mode).toBe('changeStream');
@@ -470,8 +449,7 @@ describe('configuration and connection errors', () => {
     throwsWithCode(() => new UltimateStreamer({ database: 'mongodb', connection: { uri: 'mongodb://h:notaport/db' } }), 'USP_INVALID_CONFIG');
     throwsWithCode(() => new UltimateStreamer({ database: 'mongodb', connection: { uri: 'mongodb://127.0.0.1:1' } }), 'USP_INVALID_CONFIG');
     throwsWithCode(() => new UltimateStreamer({ database: 'mongodb', options: { mongodb: { serverId: 1 } } , connection: { database: 'd' } }), 'USP_INVALID_CONFIG');
-    const s = new UltimateStreamer({ database: 'mongodb', connection: { uri: 'mongodb://127.0.0.1:1/db?serverSelectionTimeoutMS=500' } });
-    streamers.push(s);
+    const s = pool({ database: 'mongodb', connection: { uri: 'mongodb://127.0.0.1:1/db?serverSelectionTimeoutMS=500' } });
     const e = await rejectsWithCode(s.init(), 'USP_DB_UNAVAILABLE');
     expect(e.message).toMatch(/not reachable/);
   });
@@ -479,11 +457,10 @@ describe('configuration and connection errors', () => {
   privateServerTest('a refused login fails init() at once with USP_DB_ERROR, without the password', async () => {
     // The test server knows no users: every login is refused, as a wrong password would be.
     const secret = 'S3cr3t-pw-value';
-    const s = new UltimateStreamer({
+    const s = pool({
       database: 'mongodb',
       connection: { uri: `mongodb://app:${secret}@127.0.0.1:${rs.port}/x` },
     });
-    streamers.push(s);
     const t0 = Date.now();
     const err = await rejectsWithCode(s.init(), 'USP_DB_ERROR');
     expect(Date.now() - t0).toBeLessThan(5_000);

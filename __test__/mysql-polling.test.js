@@ -2,8 +2,7 @@
 // MySQL/MariaDB polling fallback against real MariaDB servers started for this file: one with the
 // binary log off, and one with the binlog on where the user lacks REPLICATION grants until the
 // test grants them (the streamer must then switch back to binlog capture by itself).
-const UltimateStreamer = require('..');
-const { waitFor } = require('./helpers');
+const { waitFor, streamerPool, collectChanges } = require('./helpers');
 const { startMariaDb, PASSWORD } = require('./mariadb');
 
 jest.setTimeout(120_000);
@@ -18,23 +17,8 @@ afterAll(async () => {
   await Promise.all([nobinlog, binlog].filter(Boolean).map((db) => db.stop()));
 });
 
-const streamers = [];
-function make(config) {
-  const s = new UltimateStreamer(config);
-  streamers.push(s);
-  return s;
-}
-afterEach(async () => {
-  await Promise.all(streamers.splice(0).map((s) => s.close()));
-});
-
-function collect(s) {
-  const events = [];
-  const modes = [];
-  s.on('change', (e) => events.push(e));
-  s.on('mode', (e) => modes.push(e));
-  return { events, modes, count: () => events.length };
-}
+const make = streamerPool();
+const collect = collectChanges;
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 

@@ -1,8 +1,7 @@
 'use strict';
 // watch(table): row changes of any table of a real MariaDB (binlog on), with column names,
 // faithful types, before images, stable ids, operation filters and DDL.
-const UltimateStreamer = require('..');
-const { waitFor, rejectsWithCode, tmpDb } = require('./helpers');
+const { waitFor, rejectsWithCode, tmpDb, streamerPool } = require('./helpers');
 const { startMariaDb } = require('./mariadb');
 
 jest.setTimeout(120_000);
@@ -15,15 +14,8 @@ afterAll(async () => {
   if (db) await db.stop();
 });
 
-const streamers = [];
-function make(options = {}) {
-  const s = new UltimateStreamer(db.config(options));
-  streamers.push(s);
-  return s;
-}
-afterEach(async () => {
-  await Promise.all(streamers.splice(0).map((s) => s.close()));
-});
+const pool = streamerPool();
+const make = (options = {}) => pool(db.config(options));
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -214,8 +206,7 @@ test('watch() refuses bad tables and backends with coded errors', async () => {
   await rejectsWithCode(s.watch('orders', { operations: ['upsert'] }), 'USP_INVALID_ARGUMENT');
   await rejectsWithCode(s.watch('orders', { operations: [] }), 'USP_INVALID_ARGUMENT');
   await rejectsWithCode(s.watch('orders', { nope: 1 }), 'USP_INVALID_ARGUMENT');
-  const lite = new UltimateStreamer({ connection: { path: tmpDb() } });
-  streamers.push(lite);
+  const lite = pool({ connection: { path: tmpDb() } });
   await rejectsWithCode(lite.watch('orders'), 'USP_NOT_INITIALIZED');
   await lite.init();
   await rejectsWithCode(lite.watch('orders'), 'USP_UNSUPPORTED_BACKEND');

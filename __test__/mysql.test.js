@@ -3,7 +3,7 @@
 // the store contract, capture of other writers through the binlog, resume after close and after
 // a server crash, bad credentials, and SQL injection attempts.
 const UltimateStreamer = require('..');
-const { waitFor, rejectsWithCode, throwsWithCode } = require('./helpers');
+const { waitFor, rejectsWithCode, throwsWithCode, streamerPool, collectChanges, freshName } = require('./helpers');
 const { startMariaDb, PASSWORD } = require('./mariadb');
 
 jest.setTimeout(120_000);
@@ -16,32 +16,10 @@ afterAll(async () => {
   if (db) await db.stop();
 });
 
-const streamers = [];
-function make(options = {}) {
-  const s = new UltimateStreamer(db.config(options));
-  streamers.push(s);
-  return s;
-}
-afterEach(async () => {
-  await Promise.all(streamers.splice(0).map((s) => s.close()));
-});
-
-/** Collects change events; `byKey` lists versions per key in arrival order. */
-function collect(s) {
-  const events = [];
-  s.on('change', (e) => events.push(e));
-  return {
-    events,
-    count: () => events.length,
-    versions: (key) => events.filter((e) => e.key === key).map((e) => e.version),
-  };
-}
-
-let tableNo = 0;
-function freshTable() {
-  tableNo += 1;
-  return `kv_${tableNo}_${process.pid}`;
-}
+const pool = streamerPool();
+const make = (options = {}) => pool(db.config(options));
+const collect = collectChanges;
+const freshTable = () => freshName('kv');
 
 describe('store contract', () => {
   test('push/get/delete with database-assigned versions, and every change once from the binlog', async () => {

@@ -6,7 +6,7 @@ const path = require('node:path');
 const { fork } = require('node:child_process');
 const UltimateStreamer = require('..');
 const WebSocket = require('ws');
-const { waitFor, rejectsWithCode, startHubClient } = require('./helpers');
+const { waitFor, rejectsWithCode, startHubClient, streamerPool } = require('./helpers');
 const { startMariaDb } = require('./mariadb');
 const { startRedis } = require('./redis');
 
@@ -26,10 +26,9 @@ afterAll(async () => {
   if (redis) redis.stop();
 });
 
-const streamers = [];
+const make = streamerPool();
 const children = [];
 afterEach(async () => {
-  await Promise.all(streamers.splice(0).map((s) => s.close()));
   await Promise.all(children.splice(0).map((c) => c.close()));
 });
 
@@ -46,12 +45,6 @@ function config(st, redisOptions = {}, options = {}) {
     redis: { url: redis.url, keyPrefix: st.prefix, leaseTtl: 1500, ...redisOptions },
     ...options,
   });
-}
-
-function make(cfg) {
-  const s = new UltimateStreamer(cfg);
-  streamers.push(s);
-  return s;
 }
 
 /** Collects change events as [type, key, version, seq]. */
