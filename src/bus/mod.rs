@@ -65,21 +65,11 @@ impl Keys {
 pub fn client(cfg: &RedisConfig) -> Result<redis::Client> {
     redis::Client::open(cfg.url.0.as_str()).map_err(|e| {
         Error::InvalidConfig(format!(
-            "`options.redis.url` is not usable ({}): {}",
-            e.kind_name(),
+            "`options.redis.url` is not usable ({:?}): {}",
+            e.kind(),
             redact_uri(&cfg.url.0)
         ))
     })
-}
-
-trait KindName {
-    fn kind_name(&self) -> String;
-}
-
-impl KindName for redis::RedisError {
-    fn kind_name(&self) -> String {
-        format!("{:?}", self.kind())
-    }
 }
 
 /// Connects with the bounded timeouts every bus thread uses.

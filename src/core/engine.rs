@@ -160,11 +160,7 @@ impl Engine {
         let ready = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
         let on_panic = completions.clone();
-        let l2 = match cfg
-            .redis
-            .as_ref()
-            .filter(|r| r.cache && core.cache.is_some())
-        {
+        let l2 = match cfg.redis.as_ref().filter(|r| r.cache) {
             Some(r) => {
                 let l2 = crate::bus::l2::L2::start(crate::bus::l2::L2Context {
                     client: crate::bus::client(r)?,
@@ -457,7 +453,8 @@ impl Engine {
         drop(st);
         let c = &self.config;
         let l2_json = {
-            let enabled = c.redis.as_ref().is_some_and(|r| r.cache) && c.enable_cache;
+            // `redis.cache` is already false when `enableCache` is.
+            let enabled = c.redis.as_ref().is_some_and(|r| r.cache);
             let (hits, misses) = (m.l2_hits.load(Relaxed), m.l2_misses.load(Relaxed));
             let ratio = if hits + misses > 0 {
                 hits as f64 / (hits + misses) as f64
