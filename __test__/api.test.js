@@ -186,6 +186,24 @@ describe('change events', () => {
     expect(s.listenerCount('change')).toBe(2);
   });
 
+  test('a filtered once listener fires once even when two matches arrive in one batch', async () => {
+    const s = make({ connection: { path: ':memory:' } });
+    const onceSeen = [];
+    const plainOnce = [];
+    let widest = 0;
+    s.once('change', { prefix: 'user:' }, (e) => onceSeen.push(e.key));
+    s.once('change', (e) => plainOnce.push(e.key));
+    s.on('batch', (b) => (widest = Math.max(widest, b.filter((e) => e.key.startsWith('user:')).length)));
+    await s.init();
+    // Concurrent pushes share one transaction, so their events come in one batch.
+    await Promise.all(['user:1', 'user:2', 'user:3', 'user:4'].map((k) => s.push(k, 1)));
+    await waitFor(() => widest > 0, 'a batch');
+    expect(widest).toBeGreaterThan(1);
+    expect(onceSeen).toHaveLength(1);
+    expect(plainOnce).toHaveLength(1);
+    expect(s.listenerCount('change')).toBe(0);
+  });
+
   test('a throwing listener does not stop delivery to the others; the error is reported', async () => {
     const s = make({ connection: { path: ':memory:' } });
     const good = [];

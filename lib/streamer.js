@@ -301,9 +301,16 @@ class UltimateStreamer extends EventEmitter {
       throw new UspError('USP_INVALID_ARGUMENT', `the listener must be a function, got ${describe(listener)}`);
     }
     const self = this;
+    let fired = false;
     function filtered(e) {
       if (e === null || typeof e !== 'object' || typeof e.key !== 'string' || !e.key.startsWith(prefix)) return undefined;
-      if (once) self.removeListener(event, filtered);
+      if (once) {
+        // A batch dispatches from a snapshot of the listeners, so removal alone would not stop a
+        // second matching event of the same batch.
+        if (fired) return undefined;
+        fired = true;
+        self.removeListener(event, filtered);
+      }
       return listener.call(this, e);
     }
     // EventEmitter's removeListener(event, listener) matches `.listener`, so off() works.
