@@ -8,6 +8,41 @@ const { NativeStreamer } = require('../native/index.js');
 const { UspError, fromNative, describe } = require('./errors');
 
 const MAX_ID = 0x7fffffff;
+const KINDS = { i: 'insert', u: 'update', r: 'replace', d: 'delete' };
+
+/**
+ * Turns the engine's columnar batch (see `encode_js_batch` in src/event.rs) into event objects,
+ * all of one shape, with `latency` measured at hand-off.
+ */
+function decodeBatch(b, dispatchedAt) {
+  const { t, k, d, v, s, ts, src, x } = b;
+  const oneSource = typeof src === 'string';
+  const events = new Array(t.length);
+  let j = 0;
+  let o = 0;
+  for (let i = 0; i < t.length; i++) {
+    const c = t[i];
+    if (c === 'x') {
+      const e = x[o++];
+      if (e.table !== undefined) e.latency = dispatchedAt - e.timestamp;
+      events[i] = e;
+      continue;
+    }
+    const timestamp = ts[j];
+    events[i] = {
+      type: KINDS[c],
+      key: k[j],
+      data: d[j],
+      version: v[j],
+      seq: s[j],
+      source: oneSource ? src : src[j],
+      timestamp,
+      latency: dispatchedAt - timestamp,
+    };
+    j++;
+  }
+  return events;
+}
 
 function checkKey(key) {
   if (typeof key !== 'string') {
@@ -324,7 +359,7 @@ class UltimateStreamer extends EventEmitter {
     if (names.every((n) => this.listenerCount(n) === 0) && !json.includes('"type":"resync"')) return;
     let events;
     try {
-      events = JSON.parse(json);
+      events = decodeBatch(JSON.parse(json), dispatchedAt);
     } catch (e) {
       this.#listenerError(new UspError('USP_INTERNAL', `an event batch could not be decoded: ${e.message}`), 'batch');
       return;
@@ -348,7 +383,6 @@ class UltimateStreamer extends EventEmitter {
         if (ls.length) this.#emitSafe(ls, e.type, e);
         continue;
       }
-      e.latency = dispatchedAt - e.timestamp;
       if (e.table !== undefined) {
         // A row of a watched table (watch()), not a key-value change.
         const ls = this.rawListeners('row');

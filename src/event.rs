@@ -227,11 +227,23 @@ fn push_row(out: &mut String, c: &Change) {
     );
 }
 
-/// Encodes a batch as one JSON array: the cheapest shape to hand to JavaScript (one string,
-/// one `JSON.parse`), and the payload the WebSocket hub will reuse. Values are embedded as the
-/// JSON text they were stored as, never re-parsed.
+/// Encodes a batch as one JSON array of event objects: the payload of the WebSocket hub's change
+/// frames. Values are embedded as the JSON text they were stored as, never re-parsed.
 pub fn encode_batch(events: &[Event]) -> String {
-    let cap: usize = events
+    let mut out = String::with_capacity(encoded_size(events) + 2);
+    out.push('[');
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_event(&mut out, e);
+    }
+    out.push(']');
+    out
+}
+
+fn encoded_size(events: &[Event]) -> usize {
+    events
         .iter()
         .map(|e| match e {
             Event::Change(c) => 128 + c.key.len() + c.data.as_ref().map_or(4, |d| d.len()),
@@ -240,96 +252,172 @@ pub fn encode_batch(events: &[Event]) -> String {
             | Event::Invalidate { reason, .. } => 96 + reason.len(),
             Event::Schema { columns, .. } => 96 + columns.len(),
         })
-        .sum();
-    let mut out = String::with_capacity(cap + 2);
-    out.push('[');
-    for (i, e) in events.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
+        .sum()
+}
+
+/// Appends one event as a JSON object.
+fn push_event(out: &mut String, e: &Event) {
+    match e {
+        Event::Change(c) if c.table.is_some() => push_row(out, c),
+        Event::Change(c) => {
+            out.push_str("{\"type\":\"");
+            out.push_str(c.kind.as_str());
+            out.push_str("\",\"key\":");
+            push_json_string(out, &c.key);
+            out.push_str(",\"data\":");
+            out.push_str(c.data.as_deref().unwrap_or("null"));
+            // Milliseconds with three decimals, written as integers (cheaper than f64 display).
+            // `latency` is filled in by JavaScript at hand-off; declaring it here keeps every
+            // event object the same shape.
+            let _ = write!(
+                out,
+                ",\"version\":{},\"seq\":{},\"source\":\"{}\",\"timestamp\":{}.{:03},\"latency\":0}}",
+                c.version,
+                c.seq,
+                c.source,
+                c.commit_ts_us.div_euclid(1000),
+                c.commit_ts_us.rem_euclid(1000)
+            );
         }
+        Event::Resync {
+            source,
+            reason,
+            from,
+            to,
+        } => {
+            out.push_str("{\"type\":\"resync\",\"source\":\"");
+            out.push_str(source);
+            out.push_str("\",\"reason\":");
+            push_json_string(out, reason);
+            let _ = write!(out, ",\"from\":{from},\"to\":{to}}}");
+        }
+        Event::Schema {
+            source,
+            table,
+            columns,
+        } => {
+            let _ = write!(
+                out,
+                "{{\"type\":\"schema\",\"source\":\"{source}\",\"table\":"
+            );
+            push_json_string(out, table);
+            out.push_str(",\"columns\":");
+            out.push_str(columns);
+            out.push('}');
+        }
+        Event::Mode {
+            source,
+            mode,
+            reason,
+        } => {
+            let _ = write!(
+                out,
+                "{{\"type\":\"mode\",\"source\":\"{source}\",\"mode\":\"{mode}\",\"reason\":"
+            );
+            push_json_string(out, reason);
+            out.push('}');
+        }
+        Event::Invalidate {
+            source,
+            table,
+            operation,
+            reason,
+        } => {
+            let _ = write!(
+                out,
+                "{{\"type\":\"invalidate\",\"source\":\"{source}\",\"table\":"
+            );
+            match table {
+                Some(t) => push_json_string(out, t),
+                None => out.push_str("null"),
+            }
+            out.push_str(",\"operation\":");
+            push_json_string(out, operation);
+            out.push_str(",\"reason\":");
+            push_json_string(out, reason);
+            out.push('}');
+        }
+    }
+}
+
+/// Encodes a batch for the JavaScript dispatcher, column by column: one JSON object holding
+/// `t`, a string with one letter per event (`i`nsert, `u`pdate, `r`eplace, `d`elete, or `x` for
+/// any other event), and for the key-value changes, in order, the arrays `k` (keys), `d` (values),
+/// `v` (versions), `s` (seqs) and `ts` (commit times, ms), plus `src` (the source, or an array of
+/// sources when they differ). Other events (rows of watched tables, resync, mode, schema,
+/// invalidate) travel whole, in order, in `x`. `JSON.parse` of arrays is about twice as fast as
+/// of the same events as objects, whose property names it must read and intern one by one.
+pub fn encode_js_batch(events: &[Event]) -> String {
+    let mut kinds = String::with_capacity(events.len());
+    let mut keys = String::with_capacity(events.len() * 16);
+    let mut data = String::with_capacity(encoded_size(events));
+    let mut nums = String::with_capacity(events.len() * 40);
+    let mut seqs = String::with_capacity(events.len() * 8);
+    let mut times = String::with_capacity(events.len() * 18);
+    let mut others = String::new();
+    let mut sources: Vec<&'static str> = Vec::new();
+    let mut mixed = false;
+    for e in events {
         match e {
-            Event::Change(c) if c.table.is_some() => push_row(&mut out, c),
-            Event::Change(c) => {
-                out.push_str("{\"type\":\"");
-                out.push_str(c.kind.as_str());
-                out.push_str("\",\"key\":");
-                push_json_string(&mut out, &c.key);
-                out.push_str(",\"data\":");
-                out.push_str(c.data.as_deref().unwrap_or("null"));
-                // Milliseconds with three decimals, written as integers (cheaper than f64 display).
-                // `latency` is filled in by JavaScript at hand-off; declaring it here keeps every
-                // event object the same shape.
+            Event::Change(c) if c.table.is_none() => {
+                kinds.push(match c.kind {
+                    ChangeKind::Insert => 'i',
+                    ChangeKind::Update => 'u',
+                    ChangeKind::Replace => 'r',
+                    ChangeKind::Delete => 'd',
+                });
+                let sep = if sources.is_empty() { "" } else { "," };
+                keys.push_str(sep);
+                push_json_string(&mut keys, &c.key);
+                data.push_str(sep);
+                data.push_str(c.data.as_deref().unwrap_or("null"));
+                let _ = write!(nums, "{sep}{}", c.version);
+                let _ = write!(seqs, "{sep}{}", c.seq);
                 let _ = write!(
-                    out,
-                    ",\"version\":{},\"seq\":{},\"source\":\"{}\",\"timestamp\":{}.{:03},\"latency\":0}}",
-                    c.version,
-                    c.seq,
-                    c.source,
+                    times,
+                    "{sep}{}.{:03}",
                     c.commit_ts_us.div_euclid(1000),
                     c.commit_ts_us.rem_euclid(1000)
                 );
+                mixed |= sources.first().is_some_and(|s| *s != c.source);
+                sources.push(c.source);
             }
-            Event::Resync {
-                source,
-                reason,
-                from,
-                to,
-            } => {
-                out.push_str("{\"type\":\"resync\",\"source\":\"");
-                out.push_str(source);
-                out.push_str("\",\"reason\":");
-                push_json_string(&mut out, reason);
-                let _ = write!(out, ",\"from\":{from},\"to\":{to}}}");
-            }
-            Event::Schema {
-                source,
-                table,
-                columns,
-            } => {
-                let _ = write!(
-                    out,
-                    "{{\"type\":\"schema\",\"source\":\"{source}\",\"table\":"
-                );
-                push_json_string(&mut out, table);
-                out.push_str(",\"columns\":");
-                out.push_str(columns);
-                out.push('}');
-            }
-            Event::Mode {
-                source,
-                mode,
-                reason,
-            } => {
-                let _ = write!(
-                    out,
-                    "{{\"type\":\"mode\",\"source\":\"{source}\",\"mode\":\"{mode}\",\"reason\":"
-                );
-                push_json_string(&mut out, reason);
-                out.push('}');
-            }
-            Event::Invalidate {
-                source,
-                table,
-                operation,
-                reason,
-            } => {
-                let _ = write!(
-                    out,
-                    "{{\"type\":\"invalidate\",\"source\":\"{source}\",\"table\":"
-                );
-                match table {
-                    Some(t) => push_json_string(&mut out, t),
-                    None => out.push_str("null"),
+            other => {
+                kinds.push('x');
+                if !others.is_empty() {
+                    others.push(',');
                 }
-                out.push_str(",\"operation\":");
-                push_json_string(&mut out, operation);
-                out.push_str(",\"reason\":");
-                push_json_string(&mut out, reason);
-                out.push('}');
+                push_event(&mut others, other);
             }
         }
     }
-    out.push(']');
+    let mut out = String::with_capacity(
+        kinds.len()
+            + keys.len()
+            + data.len()
+            + nums.len()
+            + seqs.len()
+            + times.len()
+            + others.len()
+            + 64,
+    );
+    let _ = write!(
+        out,
+        "{{\"t\":\"{kinds}\",\"k\":[{keys}],\"d\":[{data}],\"v\":[{nums}],\"s\":[{seqs}],\"ts\":[{times}],\"src\":"
+    );
+    if mixed {
+        out.push('[');
+        for (i, s) in sources.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_string(&mut out, s);
+        }
+        out.push(']');
+    } else {
+        push_json_string(&mut out, sources.first().copied().unwrap_or(""));
+    }
+    let _ = write!(out, ",\"x\":[{others}]}}");
     out
 }
 
@@ -395,6 +483,43 @@ mod tests {
         assert_eq!(v[2]["type"], "resync");
         assert_eq!(v[2]["to"], 5);
         assert_eq!(encode_batch(&[]), "[]");
+    }
+
+    #[test]
+    fn js_batch_is_columnar_with_other_events_in_order() {
+        let mut from_mysql = change("m", Some("2"), ChangeKind::Insert);
+        if let Event::Change(c) = &mut from_mysql {
+            Arc::make_mut(c).source = "mysql";
+        }
+        let events = [
+            change("a\"b\n", Some(r#"{"x":[1,2]}"#), ChangeKind::Update),
+            Event::Resync {
+                source: "sqlite",
+                reason: "pruned".into(),
+                from: 1,
+                to: 5,
+            },
+            change("k", None, ChangeKind::Delete),
+        ];
+        let v: serde_json::Value = serde_json::from_str(&encode_js_batch(&events)).unwrap();
+        assert_eq!(v["t"], "uxd");
+        assert_eq!(v["k"], serde_json::json!(["a\"b\n", "k"]));
+        assert_eq!(v["d"], serde_json::json!([{ "x": [1, 2] }, null]));
+        assert_eq!(v["v"], serde_json::json!([3, 3]));
+        assert_eq!(v["s"], serde_json::json!([9, 9]));
+        assert_eq!(v["ts"][1].as_f64().unwrap(), 1_700_000_000_123.456);
+        assert_eq!(v["src"], "sqlite");
+        assert_eq!(v["x"][0]["type"], "resync");
+        assert_eq!(v["x"][0]["to"], 5);
+
+        let v: serde_json::Value =
+            serde_json::from_str(&encode_js_batch(&[events[2].clone(), from_mysql])).unwrap();
+        assert_eq!(v["t"], "di");
+        assert_eq!(v["src"], serde_json::json!(["sqlite", "mysql"]));
+        assert_eq!(v["x"], serde_json::json!([]));
+
+        let v: serde_json::Value = serde_json::from_str(&encode_js_batch(&[])).unwrap();
+        assert_eq!(v["t"], "");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::core::engine::{Engine, Lookup};
 use crate::error::Error as CoreError;
-use crate::event::{encode_batch, now_us, Event};
+use crate::event::{encode_js_batch, now_us, Event};
 use crate::metrics::Metrics;
 use crate::sink::{Ack, BatchSink};
 use crate::store::{encode_completions, Completion, CompletionSink};
@@ -48,7 +48,8 @@ struct JsBatch {
 type EventsFn = ThreadsafeFunction<JsBatch, (), FnArgs<(String, f64)>, Status, false>;
 type CompletionsFn = ThreadsafeFunction<String, (), String, Status, false>;
 
-/// Delivers event batches to the JavaScript dispatcher: one call per batch, one JSON string.
+/// Delivers event batches to the JavaScript dispatcher: one call per batch, one JSON string
+/// (columns, see `encode_js_batch`).
 struct JsEventSink {
     tsfn: EventsFn,
 }
@@ -56,7 +57,7 @@ struct JsEventSink {
 impl BatchSink for JsEventSink {
     fn deliver(&self, events: Vec<Event>, ack: Ack) -> bool {
         let commit_ts: Vec<i64> = events.iter().filter_map(Event::commit_ts_us).collect();
-        let json = encode_batch(&events);
+        let json = encode_js_batch(&events);
         let status = self.tsfn.call_with_return_value(
             JsBatch { json, commit_ts },
             ThreadsafeFunctionCallMode::NonBlocking,
