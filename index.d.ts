@@ -290,6 +290,8 @@ export interface SourceStatus {
   server: Record<string, unknown>;
   /** MySQL: the last transaction boundary captured, e.g. 'binlog.000003:1234'. MongoDB: the saved checkpoint, '<collection>@<end of its resume token>' per change stream (comma-separated), or 'poll@<ms>' when polling. '' until known. */
   position: string;
+  /** MySQL: how the binlog stream is read. 'buffered': the engine reads the replication socket through a 64 KiB buffer after mysql_cdc's handshake (Linux); 'mysql_cdc': packet by packet by mysql_cdc (other systems, or when the socket could not be told apart from another new connection to the server). */
+  binlogReader?: 'buffered' | 'mysql_cdc';
 }
 
 /** `options.redis`. */

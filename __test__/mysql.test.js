@@ -31,6 +31,8 @@ describe('store contract', () => {
     expect(st.connected).toBe(true);
     expect(st.source.server.flavor).toBe('mariadb');
     expect(st.source.server.binlogFormat).toBe('ROW');
+    // The replication socket is read through the engine's buffer, not packet by packet.
+    expect(st.source.binlogReader).toBe('buffered');
     expect(JSON.stringify(st)).not.toContain(PASSWORD);
 
     expect(await s.push('a', { x: 1 })).toEqual({ key: 'a', version: 1 });

@@ -135,6 +135,8 @@ pub struct SourceStatus {
     pub reconnects: AtomicU64,
     server: Mutex<Value>,
     position: Mutex<String>,
+    /// How the binlog stream is read (MySQL): "buffered" or "mysql_cdc".
+    binlog_reader: Mutex<Option<&'static str>>,
 }
 
 impl SourceStatus {
@@ -154,15 +156,23 @@ impl SourceStatus {
         *self.position.lock().unwrap_or_else(|p| p.into_inner()) = p;
     }
 
+    pub fn set_binlog_reader(&self, r: &'static str) {
+        *self.binlog_reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
     pub fn to_json(&self) -> Value {
-        json!({
+        let mut v = json!({
             "mode": self.mode(),
             "reconnecting": self.reconnecting.load(Relaxed),
             "attempts": self.attempts.load(Relaxed),
             "reconnects": self.reconnects.load(Relaxed),
             "server": self.server.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "position": self.position.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-        })
+        });
+        if let Some(r) = *self.binlog_reader.lock().unwrap_or_else(|p| p.into_inner()) {
+            v["binlogReader"] = json!(r);
+        }
+        v
     }
 }
 

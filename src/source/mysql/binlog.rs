@@ -245,7 +245,8 @@ impl BinlogCapture {
             binlog,
         };
         let mut client = BinlogClient::new(options);
-        let mut events = match client.replicate() {
+        let sockets_before = super::socket::open_sockets();
+        let mut events = match super::socket::with_nodelay(self.info.port, || client.replicate()) {
             Ok(ev) => ev,
             Err(e) => {
                 let msg = format!("{e:?}");
@@ -267,6 +268,13 @@ impl BinlogCapture {
             self.status.reconnects.fetch_add(1, Relaxed);
             tracing::info!(attempt = *attempt, "binlog stream reconnected");
         }
+        // Read the stream through a buffer where the socket can be adopted (see socket.rs).
+        let mut reader = super::socket::adopt(&sockets_before, self.info.port);
+        self.status.set_binlog_reader(if reader.is_some() {
+            "buffered"
+        } else {
+            "mysql_cdc"
+        });
         let mut file = cp.file.clone();
         let mut tables: HashMap<u64, Table> = HashMap::new();
         // Column names last seen per watched table, to notice DDL.
@@ -280,7 +288,11 @@ impl BinlogCapture {
             if self.stop.load(Relaxed) {
                 return End::Stopped;
             }
-            let (packet, _) = match events.channel.read_packet() {
+            let read = match reader.as_mut() {
+                Some(r) => r.read_packet(),
+                None => events.channel.read_packet().map(|(p, _)| p),
+            };
+            let packet = match read {
                 Ok(p) => p,
                 Err(e) => return End::Retry(e.to_string()),
             };

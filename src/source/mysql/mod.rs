@@ -12,6 +12,7 @@ pub mod binlog;
 mod bus;
 pub mod poll;
 pub mod rows;
+mod socket;
 
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Opts, OptsBuilder, TxOpts, Value as SqlValue};
