@@ -8,8 +8,9 @@
 //! connect): `with_nodelay` sets TCP_NODELAY on the socket as soon as it appears.
 //!
 //! The socket is found on Linux as the one TCP connection to the server's port opened during the
-//! handshake (`/proc/self/fd`, `/proc/self/net/tcp*`). Elsewhere, or when another connection to
-//! the same port was opened meanwhile (two candidates), mysql_cdc keeps reading as before.
+//! handshake (`/proc/self/fd`, then the peer address of each new socket). Elsewhere, or when
+//! another connection to the same port was opened meanwhile (two candidates), mysql_cdc keeps
+//! reading as before.
 
 use std::collections::HashSet;
 use std::io::{self, BufReader, Read};
@@ -57,19 +58,21 @@ pub fn open_sockets() -> HashSet<u64> {
 /// Opens a reader on a duplicate of the one TCP socket to `port` opened since `before` was
 /// taken, or `None` when there is not exactly one.
 pub fn adopt(before: &HashSet<u64>, port: u16) -> Option<PacketReader<TcpStream>> {
-    let to_port = connections_to(port);
     let mut found = fds()
         .into_iter()
-        .filter(|(_, inode)| !before.contains(inode) && to_port.contains(inode));
-    let (fd, inode) = found.next()?;
+        .filter(|(_, inode)| !before.contains(inode))
+        .filter_map(|(fd, inode)| match peer(fd, inode) {
+            Peer::Tcp(p, stream) if p == port => Some(stream),
+            _ => None,
+        });
+    // The descriptor is the replication socket, owned by the `BinlogEvents` that the caller
+    // holds for as long as this reader lives: it stays open. Its read timeout is the socket's
+    // own, set by mysql_cdc (heartbeat plus a margin).
+    let stream = found.next()?;
     if found.next().is_some() {
         tracing::debug!("two new connections to the server: binlog packets read by mysql_cdc");
         return None;
     }
-    // The descriptor is the replication socket, owned by the `BinlogEvents` that the caller
-    // holds for as long as this reader lives: it stays open. Its read timeout is the socket's
-    // own, set by mysql_cdc (heartbeat plus a margin).
-    let stream = duplicate(fd, inode)?;
     Some(PacketReader::new(stream))
 }
 
@@ -83,17 +86,21 @@ pub fn with_nodelay<T>(port: u16, f: impl FnOnce() -> T) -> T {
             let start = Instant::now();
             let mut handled: HashSet<u64> = HashSet::new();
             while !done.load(Relaxed) && start.elapsed() < Duration::from_secs(10) {
-                let fresh: Vec<(i32, u64)> = fds()
-                    .into_iter()
-                    .filter(|(_, i)| !before.contains(i) && !handled.contains(i))
-                    .collect();
-                if !fresh.is_empty() {
-                    let to_port = connections_to(port);
-                    for (fd, inode) in fresh.into_iter().filter(|(_, i)| to_port.contains(i)) {
-                        if let Some(stream) = duplicate(fd, inode) {
-                            let _ = stream.set_nodelay(true);
+                for (fd, inode) in fds() {
+                    if before.contains(&inode) || handled.contains(&inode) {
+                        continue;
+                    }
+                    match peer(fd, inode) {
+                        Peer::Tcp(p, stream) => {
+                            if p == port {
+                                let _ = stream.set_nodelay(true);
+                            }
+                            handled.insert(inode);
                         }
-                        handled.insert(inode);
+                        Peer::Other => {
+                            handled.insert(inode);
+                        }
+                        Peer::NotYet => {}
                     }
                 }
                 std::thread::sleep(Duration::from_micros(200));
@@ -103,6 +110,27 @@ pub fn with_nodelay<T>(port: u16, f: impl FnOnce() -> T) -> T {
         done.store(true, Relaxed);
         out
     })
+}
+
+enum Peer {
+    /// A TCP socket connected to this port, and a duplicate of it.
+    Tcp(u16, TcpStream),
+    /// Not connected yet: look again later.
+    NotYet,
+    /// Not a TCP socket, or gone.
+    Other,
+}
+
+/// What descriptor `fd` (socket `inode`) is connected to.
+fn peer(fd: i32, inode: u64) -> Peer {
+    let Some(stream) = duplicate(fd, inode) else {
+        return Peer::Other;
+    };
+    match stream.peer_addr() {
+        Ok(addr) => Peer::Tcp(addr.port(), stream),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Peer::NotYet,
+        Err(_) => Peer::Other,
+    }
 }
 
 /// A duplicate of descriptor `fd`, if it still is socket `inode`.
@@ -148,28 +176,6 @@ fn fds() -> Vec<(i32, u64)> {
     .collect()
 }
 
-/// Inodes of the established TCP connections whose remote port is `port`.
-fn connections_to(port: u16) -> HashSet<u64> {
-    let mut out = HashSet::new();
-    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        out.extend(text.lines().skip(1).filter_map(|l| connection_to(l, port)));
-    }
-    out
-}
-
-/// Parses one line of /proc/net/tcp: `sl local rem st tx:rx tr:when retrnsmt uid timeout inode`.
-fn connection_to(line: &str, port: u16) -> Option<u64> {
-    let cols: Vec<&str> = line.split_whitespace().collect();
-    let remote_port = u16::from_str_radix(cols.get(2)?.rsplit(':').next()?, 16).ok()?;
-    let established = *cols.get(3)? == "01";
-    (remote_port == port && established)
-        .then(|| cols.get(9)?.parse().ok())
-        .flatten()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,15 +212,6 @@ mod tests {
         wire.truncate(7);
         let mut r = PacketReader::new(io::Cursor::new(wire));
         assert!(r.read_packet().is_err());
-    }
-
-    #[test]
-    fn parses_proc_net_tcp_lines() {
-        let line = "   3: 0100007F:D2F4 0100007F:0CEA 01 00000000:00000000 00:00000000 00000000     0        0 424242 1 0000000000000000 20 4 30 10 -1";
-        assert_eq!(connection_to(line, 0x0CEA), Some(424242));
-        assert_eq!(connection_to(line, 3307), None);
-        let listening = line.replace(" 01 ", " 0A ");
-        assert_eq!(connection_to(&listening, 0x0CEA), None);
     }
 
     #[cfg(target_os = "linux")]
