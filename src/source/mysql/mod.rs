@@ -457,18 +457,14 @@ impl MysqlStoreThread {
                 }
             }
         }
-        // In bus mode, the first instance of a stream captures before `init()` resolves.
-        if let Some(b) = &bus {
-            take_over(
-                &rt,
-                &mut store,
-                b,
-                &mut capturing,
-                &new_ctx,
-                &fast_path,
-                &status,
-            );
-        }
+        // Bus mode: capture while this instance holds the lease, stop when it lost it.
+        let follow_lease = |store: &mut Store, capturing: &mut Option<Capturing>| {
+            if let Some(b) = &bus {
+                take_over(&rt, store, b, capturing, &new_ctx, &fast_path, &status);
+            }
+        };
+        // The first instance of a stream captures before `init()` resolves.
+        follow_lease(&mut store, &mut capturing);
         tracing::info!(table = %server.table, version = %started.facts.version, mode = status.mode(), "mysql store ready");
         ready.store(true, Relaxed);
         completions.complete(vec![Completion::Ready { id: init_id }]);
@@ -544,17 +540,7 @@ impl MysqlStoreThread {
             if shutdown.is_some() {
                 break;
             }
-            if let Some(b) = &bus {
-                take_over(
-                    &rt,
-                    &mut store,
-                    b,
-                    &mut capturing,
-                    &new_ctx,
-                    &fast_path,
-                    &status,
-                );
-            }
+            follow_lease(&mut store, &mut capturing);
             if last_save.elapsed() >= CHECKPOINT_EVERY {
                 last_save = Instant::now();
                 let cp = match &capturing {
