@@ -55,22 +55,26 @@ impl Sequencer {
         if logged && matches!(self.last_position, Some(last) if pos <= last) {
             return Admission::DuplicatePosition;
         }
+        // A key seen before is checked and updated with one lookup.
+        let mut remembered = false;
         if c.versioned && c.table.is_none() {
-            if let Some(&v) = self.versions.get(&c.key) {
-                if c.version <= v {
+            if let Some(v) = self.versions.get_mut(&c.key) {
+                if c.version <= *v {
                     // Still move the position forward: this entry of the log is consumed.
                     if logged {
                         self.last_position = Some(pos);
                     }
                     return Admission::StaleVersion;
                 }
+                *v = c.version;
+                remembered = true;
             }
         }
         if logged {
             self.last_position = Some(pos);
         }
-        if c.table.is_some() {
-            // A row of a watched table: no key-value versions to remember.
+        if c.table.is_some() || remembered {
+            // A row of a watched table (no key-value versions), or a version already stored.
         } else if !c.versioned && c.kind == ChangeKind::Delete {
             self.versions.pop(&c.key);
         } else {
