@@ -18,7 +18,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::rows::{is_stale, read_spec, Layout, WatchSpec, Watches};
 use super::{Conninfo, Resume};
@@ -282,10 +282,17 @@ impl BinlogCapture {
         let mut refreshed: std::collections::HashSet<(String, usize)> = Default::default();
         let mut kv_columns: Option<KvColumns> = KvColumns::from_names(&self.columns);
         let mut pending: Vec<Change> = Vec::new();
+        let mut outbox = Outbox::default();
         let mut saw_rows = false;
         let mut first = true;
         loop {
             if self.stop.load(Relaxed) {
+                return End::Stopped;
+            }
+            // Hand over the committed transactions before a read that may wait; while the
+            // stream runs ahead (catching up), they go together.
+            let more_now = reader.as_ref().is_some_and(|r| r.packet_ready());
+            if outbox.due(more_now) && !self.flush(&mut outbox) {
                 return End::Stopped;
             }
             let read = match reader.as_mut() {
@@ -433,6 +440,7 @@ impl BinlogCapture {
                                     schemas.insert(t.table_name.clone(), layout.names.clone());
                                 if seen.is_some_and(|old| old != layout.names) {
                                     // The table's columns changed (DDL): say so, then go on.
+                                    self.flush(&mut outbox);
                                     let _ = self.tx.send(SourceMsg::Notice(Event::Schema {
                                         source: "mysql",
                                         table: t.table_name.as_str().into(),
@@ -454,6 +462,7 @@ impl BinlogCapture {
                         header.next_event_position,
                         &mut pending,
                         &mut saw_rows,
+                        &mut outbox,
                     );
                 }
                 // COMMIT of a non-transactional table, or DDL: a transaction boundary.
@@ -464,20 +473,15 @@ impl BinlogCapture {
                         header.next_event_position,
                         &mut pending,
                         &mut saw_rows,
+                        &mut outbox,
                     );
                 }
                 _ => {}
             }
             if pending.len() >= CHUNK_ROWS {
-                let changes = std::mem::take(&mut pending);
-                if self
-                    .tx
-                    .send(SourceMsg::Changes {
-                        changes,
-                        checkpoint: None,
-                    })
-                    .is_err()
-                {
+                // A large transaction goes out in chunks, under the checkpoint before it.
+                outbox.changes.append(&mut pending);
+                if !self.flush(&mut outbox) {
                     return End::Stopped;
                 }
             }
@@ -494,6 +498,7 @@ impl BinlogCapture {
         next: u32,
         pending: &mut Vec<Change>,
         saw_rows: &mut bool,
+        outbox: &mut Outbox,
     ) {
         let had = !pending.is_empty() || *saw_rows;
         *saw_rows = false;
@@ -503,13 +508,49 @@ impl BinlogCapture {
         cp.file = file.to_string();
         cp.pos = next;
         self.status.set_position(cp.describe());
-        let changes = std::mem::take(pending);
-        let _ = self.tx.send(SourceMsg::Changes {
-            changes,
-            checkpoint: Some(cp.resume()),
-        });
+        outbox.changes.append(pending);
+        outbox.checkpoint = Some(cp.resume());
+        outbox.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Sends what the outbox holds; false when the pipeline is gone.
+    fn flush(&self, outbox: &mut Outbox) -> bool {
+        if outbox.changes.is_empty() && outbox.checkpoint.is_none() {
+            return true;
+        }
+        outbox.since = None;
+        self.tx
+            .send(SourceMsg::Changes {
+                changes: std::mem::take(&mut outbox.changes),
+                checkpoint: outbox.checkpoint.take(),
+            })
+            .is_ok()
     }
 }
+
+/// Committed transactions not yet handed to the pipeline, with the checkpoint after the last.
+#[derive(Default)]
+struct Outbox {
+    changes: Vec<Change>,
+    checkpoint: Option<Resume>,
+    /// When the oldest of them was committed here.
+    since: Option<Instant>,
+}
+
+impl Outbox {
+    /// Whether to send now: the next read may wait (`more_now` false), or enough has gathered
+    /// (CHUNK_ROWS changes, or 1 ms: a stream busy with tables nobody watches never holds
+    /// changes back longer).
+    fn due(&self, more_now: bool) -> bool {
+        match self.since {
+            None => false,
+            Some(t) => !more_now || self.changes.len() >= CHUNK_ROWS || t.elapsed() >= OUTBOX_WAIT,
+        }
+    }
+}
+
+/// The longest a committed transaction waits in the outbox for others to join it.
+const OUTBOX_WAIT: Duration = Duration::from_millis(1);
 
 fn is_rows_event(t: u8) -> bool {
     matches!(t, 23..=25 | 30..=32)

@@ -33,6 +33,12 @@ impl<R: Read> PacketReader<R> {
         }
     }
 
+    /// A whole packet is already buffered: the next `read_packet` will not wait.
+    pub fn packet_ready(&self) -> bool {
+        let b = self.inner.buffer();
+        b.len() >= 4 && b.len() >= 4 + u32::from_le_bytes([b[0], b[1], b[2], 0]) as usize
+    }
+
     /// The next packet's payload, with a payload split over several packets joined.
     pub fn read_packet(&mut self) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
@@ -191,14 +197,23 @@ mod tests {
     fn reads_packets_and_joins_split_payloads() {
         let big = vec![7u8; MAX_PAYLOAD];
         let mut wire = packet(0, b"\x00abc");
-        wire.extend(packet(1, &big));
-        wire.extend(packet(2, b"tail"));
-        wire.extend(packet(3, b""));
+        wire.extend(packet(1, b"xy"));
+        wire.extend(packet(2, &big));
+        wire.extend(packet(3, b"tail"));
+        wire.extend(packet(4, b""));
         let mut r = PacketReader::new(io::Cursor::new(wire));
+        assert!(
+            !r.packet_ready(),
+            "nothing is buffered before the first read"
+        );
         assert_eq!(r.read_packet().unwrap(), b"\x00abc");
+        assert!(r.packet_ready(), "a short packet that came along is whole");
+        assert_eq!(r.read_packet().unwrap(), b"xy");
+        assert!(!r.packet_ready(), "16 MiB do not fit the buffer");
         let joined = r.read_packet().unwrap();
         assert_eq!(joined.len(), MAX_PAYLOAD + 4);
         assert_eq!(&joined[MAX_PAYLOAD..], b"tail");
+        assert!(r.packet_ready(), "an empty packet is a whole packet");
         assert_eq!(r.read_packet().unwrap(), b"");
         assert_eq!(
             r.read_packet().unwrap_err().kind(),
@@ -210,7 +225,10 @@ mod tests {
     fn a_truncated_packet_is_an_error() {
         let mut wire = packet(0, b"hello");
         wire.truncate(7);
+        wire.splice(0..0, packet(0, b"ok"));
         let mut r = PacketReader::new(io::Cursor::new(wire));
+        assert_eq!(r.read_packet().unwrap(), b"ok");
+        assert!(!r.packet_ready(), "half a packet is not a packet");
         assert!(r.read_packet().is_err());
     }
 
