@@ -61,6 +61,45 @@ test.each([
   expect(await s.get('remote')).toBeNull();
 });
 
+/** Inserts `key` from another process (better-sqlite3), without blocking this event loop. */
+function insertElsewhere(file, key) {
+  const script = `
+    const D = require(${JSON.stringify(path.join(ROOT, 'node_modules', 'better-sqlite3'))});
+    const db = new D(process.argv[1]); db.pragma('busy_timeout = 5000');
+    db.prepare("INSERT INTO usp_kv (k, v) VALUES (?, '1')").run(process.argv[2]); db.close();`;
+  return new Promise((resolve, reject) => {
+    const c = spawn(process.execPath, ['-e', script, file, key], { stdio: 'inherit' });
+    c.on('exit', (code) => (code === 0 ? resolve(Date.now()) : reject(new Error(`writer exited ${code}`))));
+  });
+}
+
+test("other processes' commits arrive at once while this process writes back to back (file watch stopped)", async () => {
+  const file = tmpDb();
+  // A 30 s poll: with the file watch stopped, only the store's own reads between its writes
+  // can find the other process's commit quickly.
+  const s = await started(file, { sqlite: { tailInterval: 30_000 } });
+  const seen = new Map();
+  s.on('change', (e) => {
+    if (e.key.startsWith('ext')) seen.set(e.key, Date.now());
+  });
+  let writing = true;
+  let own = 0;
+  const loop = (async () => {
+    while (writing) await Promise.all(Array.from({ length: 16 }, () => s.push(`own:${own++ % 100}`, own)));
+  })();
+  try {
+    const committed = await insertElsewhere(file, 'ext:during');
+    await waitFor(() => seen.has('ext:during'), 'the commit made during our writes', 3_000);
+    expect(writing).toBe(true);
+    // Well under the 30 s poll (the child process reports its exit a little after its commit).
+    expect(seen.get('ext:during') - committed).toBeLessThan(1_000);
+  } finally {
+    writing = false;
+    await loop;
+  }
+  expect(own).toBeGreaterThan(100);
+});
+
 function startPusher(file, writer, count, keys, total) {
   const child = spawn(process.execPath, [path.join(__dirname, 'fixtures', 'pusher.js'), file, String(writer), String(count), String(keys), String(total)], {
     stdio: ['pipe', 'pipe', 'inherit'],
