@@ -73,7 +73,7 @@ function insertElsewhere(file, key) {
   });
 }
 
-test("other processes' commits arrive at once while this process writes back to back (file watch stopped)", async () => {
+test("other processes' commits arrive at once while this process writes back to back (file watch stopped), and after", async () => {
   const file = tmpDb();
   // A 30 s poll: with the file watch stopped, only the store's own reads between its writes
   // can find the other process's commit quickly.
@@ -98,6 +98,12 @@ test("other processes' commits arrive at once while this process writes back to 
     await loop;
   }
   expect(own).toBeGreaterThan(100);
+  // Our writes stopped: the watch is back, and a commit wakes the engine (its WAL write comes
+  // a moment before the commit is visible, so one look is not enough).
+  await new Promise((r) => setTimeout(r, 50));
+  const later = await insertElsewhere(file, 'ext:after');
+  await waitFor(() => seen.has('ext:after'), 'the commit made after our writes', 3_000);
+  expect(seen.get('ext:after') - later).toBeLessThan(1_000);
 });
 
 function startPusher(file, writer, count, keys, total) {

@@ -235,6 +235,8 @@ impl StoreThread {
 
         let tail_interval = Duration::from_millis(cfg.tail_interval_ms);
         let mut shutdown: Option<u32> = None;
+        // Until when to look at the log every millisecond after a WAL event (see below).
+        let mut recheck_until: Option<Instant> = None;
         while shutdown.is_none() {
             let mut wait = if store.dirty && !store.blocked {
                 Duration::ZERO
@@ -249,6 +251,12 @@ impl StoreThread {
             // While the watch is paused, look at the log at least every couple of ms.
             if let Some(w) = watch.as_mut().and_then(WalWatch::idle) {
                 wait = wait.min(w);
+            }
+            if let Some(until) = recheck_until {
+                match until.checked_duration_since(Instant::now()) {
+                    Some(_) => wait = wait.min(WAL_RECHECK_EVERY),
+                    None => recheck_until = None,
+                }
             }
             let first = if wait.is_zero() {
                 match rx.try_recv() {
@@ -276,7 +284,12 @@ impl StoreThread {
                 }
             }
             // Cleared before reading, so a commit during the read wakes us again.
-            wal_changed.store(false, Relaxed);
+            if wal_changed.swap(false, Relaxed) {
+                // The WAL was written, but a commit becomes visible only when its writer then
+                // updates the WAL index (shared memory, which raises no file event): look again
+                // for a few ms, or a commit read a moment too early waits for `tailInterval`.
+                recheck_until = Some(Instant::now() + WAL_RECHECK_FOR);
+            }
             store.capture();
             store.maybe_prune();
         }
@@ -409,6 +422,10 @@ struct WalWatch {
     streak: u32,
     last_write: Option<Instant>,
 }
+
+/// After a WAL event, the log is read every `WAL_RECHECK_EVERY` for `WAL_RECHECK_FOR`.
+const WAL_RECHECK_EVERY: Duration = Duration::from_millis(1);
+const WAL_RECHECK_FOR: Duration = Duration::from_millis(5);
 
 /// Write transactions in a row that stop the watch.
 const WATCH_PAUSE_STREAK: u32 = 4;
