@@ -4,7 +4,7 @@
 const { spawn } = require('node:child_process');
 const path = require('node:path');
 const UltimateStreamer = require('..');
-const { tmpDb, waitFor, sqliteExternal, ROOT } = require('./helpers');
+const { tmpDb, waitFor, sqliteExternal, rejectsWithCode, ROOT } = require('./helpers');
 
 const streamers = [];
 afterEach(async () => {
@@ -36,6 +36,20 @@ test('writes made with plain SQL by another process are captured with database-a
   ]);
   // The cache followed the external writes.
   expect(await s.get('ext')).toBe('not json');
+});
+
+test('a push whose change-log row is missing (a trigger dropped by another process) fails and writes nothing', async () => {
+  const file = tmpDb();
+  const s = await started(file);
+  expect(await s.push('a', { n: 1 })).toEqual({ key: 'a', version: 1 });
+  sqliteExternal(file, 'DROP TRIGGER usp_kv_log_update');
+  const err = await rejectsWithCode(s.push('a', { n: 2 }), 'USP_INTERNAL');
+  expect(err.message).toMatch(/triggers/);
+  expect(sqliteExternal(file, "SELECT v, version FROM usp_kv WHERE k = 'a'", { query: true })).toEqual([
+    { v: '{"n":1}', version: 1 },
+  ]);
+  // Writes that still get their log row go on working.
+  expect(await s.push('b', { n: 1 })).toEqual({ key: 'b', version: 1 });
 });
 
 test.each([

@@ -3,7 +3,6 @@
 //! never goes back to a version it has already delivered (local echo, reconnect, mode switch).
 
 use lru::LruCache;
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use crate::event::{Change, ChangeKind};
@@ -24,7 +23,11 @@ pub enum Admission {
 #[derive(Debug)]
 pub struct Sequencer {
     last_position: Option<u128>,
+    /// Grows with use up to `capacity` (evicting the least recently used key after that):
+    /// a table sized for the full capacity up front spreads a few hot keys over tens of MB,
+    /// and every lookup missed the CPU cache.
     versions: LruCache<Arc<str>, u64>,
+    capacity: usize,
     next_seq: u64,
 }
 
@@ -32,9 +35,8 @@ impl Sequencer {
     pub fn new(capacity: usize) -> Self {
         Sequencer {
             last_position: None,
-            versions: LruCache::new(
-                NonZeroUsize::new(capacity.max(1)).expect("max(1) is non-zero"),
-            ),
+            versions: LruCache::unbounded(),
+            capacity: capacity.max(1),
             next_seq: 1,
         }
     }
@@ -78,6 +80,9 @@ impl Sequencer {
         } else if !c.versioned && c.kind == ChangeKind::Delete {
             self.versions.pop(&c.key);
         } else {
+            if self.versions.len() >= self.capacity {
+                self.versions.pop_lru();
+            }
             self.versions.put(c.key.clone(), c.version);
         }
         // A change read from the Redis bus comes numbered: every instance uses the stream's seq.
@@ -239,6 +244,7 @@ mod tests {
         }
         assert_eq!(s.last_version("a"), None);
         assert_eq!(s.last_version("c"), Some(1));
+        assert_eq!(s.versions.len(), 2, "never more keys than the capacity");
         // A replay of "a" is still caught by its position.
         assert_eq!(s.admit(&mut ch("a", 1, 1)), Admission::DuplicatePosition);
     }

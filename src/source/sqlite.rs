@@ -134,6 +134,8 @@ struct Sql {
     tail: String,
     prune: String,
     log_end: String,
+    /// The log's own columns of our rows (the values we have).
+    own: String,
 }
 
 impl Sql {
@@ -152,6 +154,7 @@ impl Sql {
             tail: format!("SELECT seq, k, v, version, op, ts FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
             prune: format!("DELETE FROM {t}_changes WHERE seq <= ?1"),
             log_end: format!("SELECT seq FROM sqlite_sequence WHERE name = '{t}_changes'"),
+            own: format!("SELECT seq, k, op, version, ts FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
             table: t.to_string(),
         }
     }
@@ -159,6 +162,10 @@ impl Sql {
 
 /// One change-log row: seq, key, value (JSON), version, kind, commit time (µs).
 type LogRow = (i64, Arc<str>, Option<Arc<str>>, i64, ChangeKind, i64);
+
+/// A write of the current transaction that changed a row: its index among the completions,
+/// its key, and its value (`None` for a delete).
+type Written = (usize, Arc<str>, Option<Arc<str>>);
 
 /// Everything the store thread needs.
 pub struct StoreThread {
@@ -561,7 +568,7 @@ impl Store {
             .any(|o| matches!(o, Op::Put { .. } | Op::Delete { .. }));
         let mut done: Vec<Completion> = Vec::with_capacity(ops.len());
         // Our writes in order: index into `done`, key, value (None for a delete).
-        let mut written: Vec<(usize, Arc<str>, Option<String>)> = Vec::new();
+        let mut written: Vec<Written> = Vec::new();
         let mut reads: Vec<(Arc<str>, CacheEntry)> = Vec::new();
         let mut shutdown = None;
 
@@ -597,10 +604,11 @@ impl Store {
         for op in ops {
             match op {
                 Op::Put { id, key, json } => {
+                    let json: Arc<str> = json.into();
                     let r = self
                         .conn
                         .prepare_cached(&self.sql.upsert)
-                        .and_then(|mut s| s.execute(params![&*key, &json, ts]));
+                        .and_then(|mut s| s.execute(params![&*key, &*json, ts]));
                     match r {
                         Ok(_) => {
                             written.push((done.len(), key, Some(json)));
@@ -686,15 +694,14 @@ impl Store {
         }
         // Read-your-writes: cached keys learn our own commits before their change is tailed.
         if let Some(cache) = &self.core.cache {
-            for ((_, k, value), row) in written.into_iter().zip(&ours) {
+            for row in &ours {
                 let version = row.3 as u64;
-                // Copy the value only for keys that are cached.
-                if cache.peek_version(&k).is_some_and(|v| v < version) {
+                if cache.peek_version(&row.1).is_some_and(|v| v < version) {
                     cache.refresh(
-                        &k,
+                        &row.1,
                         CacheEntry {
                             version,
-                            value: value.map(Into::into),
+                            value: row.2.clone(),
                         },
                     );
                 }
@@ -737,28 +744,49 @@ impl Store {
     }
 
     /// The change-log rows of this transaction's writes (all rows after `base`), checked one
-    /// for one against `written`, the writes that changed a row.
-    fn own_rows(
-        &mut self,
-        base: u64,
-        written: &[(usize, Arc<str>, Option<String>)],
-    ) -> Result<Vec<LogRow>> {
+    /// for one against `written`, the writes that changed a row. Values are ours already:
+    /// only the log's own columns are read.
+    fn own_rows(&mut self, base: u64, written: &[Written]) -> Result<Vec<LogRow>> {
         if written.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = self.read_log(base, written.len() + 1)?;
-        let matches = rows.len() == written.len()
-            && rows.iter().zip(written).all(|(row, (_, k, _))| row.1 == *k);
-        if !matches {
+        let mut out: Vec<LogRow> = Vec::with_capacity(written.len());
+        let mut stmt = self.conn.prepare_cached(&self.sql.own)?;
+        let mut rows = stmt.query(params![base as i64, written.len() as i64 + 1])?;
+        let mut intact = true;
+        while let Some(r) = rows.next()? {
+            let Some((_, key, value)) = written.get(out.len()) else {
+                intact = false;
+                break;
+            };
+            let kind = match r.get_ref(2)?.as_str().unwrap_or_default() {
+                "insert" => ChangeKind::Insert,
+                "delete" => ChangeKind::Delete,
+                _ => ChangeKind::Update,
+            };
+            if r.get_ref(1)?.as_str().ok() != Some(&**key)
+                || (kind == ChangeKind::Delete) != value.is_none()
+            {
+                intact = false;
+                break;
+            }
+            out.push((
+                r.get(0)?,
+                key.clone(),
+                value.clone(),
+                r.get(3)?,
+                kind,
+                r.get(4)?,
+            ));
+        }
+        if !intact || out.len() != written.len() {
             // The triggers were changed or dropped by someone: never guess a version.
             return Err(Error::Internal(format!(
-                "the change log of table {:?} did not get one row per write ({} rows for {} writes); check that its triggers are intact",
-                self.sql.table,
-                rows.len(),
-                written.len()
+                "the change log of table {:?} did not get one row per write in this transaction; check that its triggers are intact",
+                self.sql.table
             )));
         }
-        Ok(rows)
+        Ok(out)
     }
 
     fn read(&mut self, key: &str) -> Result<Option<CacheEntry>> {
