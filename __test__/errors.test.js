@@ -113,6 +113,7 @@ describe('USP_INVALID_VALUE', () => {
     [{ nested: { fn() {} } }, 'function'],
     [{ s: Symbol('x') }, 'symbol'],
     [[1, 2n], 'BigInt'],
+    [{ list: [1, () => 2] }, "function at property '1'"],
   ])('value %p is refused (%s) and nothing is written', async (value, why) => {
     const file = tmpDb();
     const s = await started({ connection: { path: file } });
@@ -122,6 +123,13 @@ describe('USP_INVALID_VALUE', () => {
     expect(await s.get('k')).toBeNull();
     expect(changeLogCount(file)).toBe(before);
   });
+});
+
+test('values are stored as JSON.stringify writes them: toJSON is applied, dates become strings', async () => {
+  const s = await started();
+  const value = { at: new Date(0), custom: { toJSON: () => ({ fn: 'gone' }) }, skip: undefined };
+  await s.push('k', value);
+  expect(await s.get('k')).toEqual({ at: '1970-01-01T00:00:00.000Z', custom: { fn: 'gone' } });
 });
 
 describe('USP_VALUE_TOO_LARGE', () => {

@@ -50,15 +50,30 @@ function checkKey(key) {
   }
 }
 
-function refuseNonJson(k, v) {
+/**
+ * The first function or symbol that `JSON.stringify` would silently leave out of `v`, as
+ * `[type, property]`, or null. Called after a successful stringify (so `v` has no cycles):
+ * walking here costs less than a replacer, which V8 calls through C++ for every property.
+ */
+function nonJson(v, key) {
   const t = typeof v;
-  if (t === 'function' || t === 'symbol') {
-    throw new UspError(
-      'USP_INVALID_VALUE',
-      `the value contains a ${t}${k ? ` at property '${k}'` : ''}; only JSON data (objects, arrays, strings, numbers, booleans, null) can be stored`,
-    );
+  if (t === 'function' || t === 'symbol') return [t, key];
+  if (t !== 'object' || v === null) return null;
+  if (typeof v.toJSON === 'function') return nonJson(v.toJSON(key), key);
+  if (Array.isArray(v)) {
+    for (let i = 0; i < v.length; i++) {
+      const found = nonJson(v[i], String(i));
+      if (found) return found;
+    }
+    return null;
   }
-  return v;
+  for (const k in v) {
+    if (Object.prototype.hasOwnProperty.call(v, k)) {
+      const found = nonJson(v[k], k);
+      if (found) return found;
+    }
+  }
+  return null;
 }
 
 function toJson(data) {
@@ -67,15 +82,22 @@ function toJson(data) {
   }
   let json;
   try {
-    json = JSON.stringify(data, refuseNonJson);
+    json = JSON.stringify(data);
   } catch (e) {
-    if (e instanceof UspError) throw e;
     const why = /circular/i.test(e.message)
       ? 'it contains a circular reference'
       : /BigInt/i.test(e.message)
         ? 'it contains a BigInt (convert it to a string or number first)'
         : e.message;
     throw new UspError('USP_INVALID_VALUE', `the value cannot be stored as JSON: ${why}`, { cause: e });
+  }
+  const found = nonJson(data, '');
+  if (found) {
+    const [t, k] = found;
+    throw new UspError(
+      'USP_INVALID_VALUE',
+      `the value contains a ${t}${k ? ` at property '${k}'` : ''}; only JSON data (objects, arrays, strings, numbers, booleans, null) can be stored`,
+    );
   }
   if (json === undefined) {
     throw new UspError('USP_INVALID_VALUE', `the value (${describe(data)}) has no JSON form`);
