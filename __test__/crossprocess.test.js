@@ -52,6 +52,28 @@ test('a push whose change-log row is missing (a trigger dropped by another proce
   expect(await s.push('b', { n: 1 })).toEqual({ key: 'b', version: 1 });
 });
 
+test('a write that fails inside a transaction rolls the transaction back whole: nothing half-written', async () => {
+  const file = tmpDb();
+  const s = await started(file);
+  await s.push('warm', 1);
+  // A user's trigger that fails after the row was written (so the failed statement left work).
+  sqliteExternal(
+    file,
+    "CREATE TRIGGER refuse_bad AFTER INSERT ON usp_kv WHEN NEW.k LIKE 'bad%' BEGIN SELECT RAISE(FAIL, 'bad key'); END;",
+  );
+  const keys = Array.from({ length: 40 }, (_, i) => (i % 10 === 5 ? `bad${i}` : `good${i}`));
+  const results = await Promise.allSettled(keys.map((k) => s.push(k, { k })));
+  const stored = new Set(sqliteExternal(file, 'SELECT k FROM usp_kv', { query: true }).map((r) => r.k));
+  const logged = new Set(sqliteExternal(file, 'SELECT k FROM usp_kv_changes', { query: true }).map((r) => r.k));
+  keys.forEach((k, i) => {
+    const ok = results[i].status === 'fulfilled';
+    if (k.startsWith('bad')) expect(ok).toBe(false);
+    if (!ok) expect(results[i].reason.code).toMatch(/^USP_/);
+    expect([k, stored.has(k), logged.has(k)]).toEqual([k, ok, ok]);
+  });
+  expect(results.filter((r) => r.status === 'rejected').length).toBeGreaterThanOrEqual(4);
+});
+
 test.each([
   ['with the WAL file watch', true],
   ['polling only (sqlite.watch: false)', false],

@@ -574,6 +574,9 @@ impl Store {
 
         // The log's last seq before our writes: every row after it is ours, in write order.
         let mut base = 0u64;
+        // The first write that failed: the transaction is then rolled back whole. A failed
+        // statement does not always undo itself: a trigger's `RAISE(FAIL)` keeps its work.
+        let mut broken: Option<Error> = None;
         if has_writes {
             let begun = self
                 .conn
@@ -614,10 +617,11 @@ impl Store {
                             written.push((done.len(), key, Some(json)));
                             done.push(Completion::Pushed { id, version: 0 });
                         }
-                        Err(e) => done.push(Completion::Failed {
-                            id,
-                            error: e.into(),
-                        }),
+                        Err(e) => {
+                            let e = Error::from(e);
+                            broken.get_or_insert_with(|| e.clone());
+                            done.push(Completion::Failed { id, error: e });
+                        }
                     }
                 }
                 Op::Delete { id, key } => {
@@ -631,10 +635,11 @@ impl Store {
                             written.push((done.len(), key, None));
                             done.push(Completion::Deleted { id, existed: true });
                         }
-                        Err(e) => done.push(Completion::Failed {
-                            id,
-                            error: e.into(),
-                        }),
+                        Err(e) => {
+                            let e = Error::from(e);
+                            broken.get_or_insert_with(|| e.clone());
+                            done.push(Completion::Failed { id, error: e });
+                        }
                     }
                 }
                 Op::Get { id, key } => match self.read(&key) {
@@ -660,7 +665,12 @@ impl Store {
         }
         let mut ours: Vec<LogRow> = Vec::new();
         if has_writes {
-            let committed = self.own_rows(base, &written).and_then(|rows| {
+            let committed = match broken {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+            .and_then(|()| self.own_rows(base, &written))
+            .and_then(|rows| {
                 ours = rows;
                 self.conn.execute_batch("COMMIT").map_err(Error::from)
             });
