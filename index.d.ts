@@ -86,7 +86,7 @@ export interface StreamerOptions {
   historySize?: number;
   /** Bytes of keys and values the replay history may hold. Default 64 MiB. */
   historyMaxBytes?: number;
-  /** Keys whose last delivered version is remembered for dedupe. Default 1000000. */
+  /** At most this many keys have their last delivered version remembered for dedupe (every key changed within the last `dedupeCapacity / 2` new keys is). Default 1000000. */
   dedupeCapacity?: number;
   /** Log level (to stderr): off, error, warn, info, debug, trace. Default: `USP_LOG` or warn. */
   logLevel?: 'off' | 'error' | 'warn' | 'info' | 'debug' | 'trace';

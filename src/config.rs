@@ -184,7 +184,8 @@ pub struct Config {
     pub history_size: usize,
     /// Bytes of keys and values the history ring may hold. Default 64 MiB.
     pub history_max_bytes: usize,
-    /// Keys whose last delivered version is remembered for dedupe. Default 1000000.
+    /// At most this many keys have their last delivered version remembered for dedupe (every
+    /// key changed within the last `dedupe_capacity / 2` new keys is). Default 1000000.
     pub dedupe_capacity: usize,
     /// Log level: error, warn, info, debug, trace, off. `USP_LOG` overrides when unset.
     pub log_level: Option<String>,
