@@ -666,7 +666,9 @@ impl Store {
         let mut ours: Vec<LogRow> = Vec::new();
         if has_writes {
             let committed = match broken {
-                Some(e) => Err(e),
+                Some(e) => Err(Error::Db(format!(
+                    "rolled back with its transaction, in which another write failed ({e}); nothing of it was written: retry"
+                ))),
                 None => Ok(()),
             }
             .and_then(|()| self.own_rows(base, &written))
@@ -791,8 +793,8 @@ impl Store {
         }
         if !intact || out.len() != written.len() {
             // The triggers were changed or dropped by someone: never guess a version.
-            return Err(Error::Internal(format!(
-                "the change log of table {:?} did not get one row per write in this transaction; check that its triggers are intact",
+            return Err(Error::Db(format!(
+                "the change log of table {:?} did not get one row per write, so nothing was written; its triggers were changed or dropped: reopen the database with this library to recreate them",
                 self.sql.table
             )));
         }
