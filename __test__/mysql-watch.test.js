@@ -103,6 +103,29 @@ test('operations filter, a per-table listener, and DDL gives a schema event with
   expect(schema).toEqual([expect.objectContaining({ type: 'schema', table: 'items', columns: ['sku', 'n', 'color'] })]);
 });
 
+test('a table written before watch() is called: its rows after the call arrive (an unchanged table map is not decoded twice, but a new watch is seen)', async () => {
+  await db.sql('CREATE TABLE later (id INT PRIMARY KEY, n INT)');
+  const s = make({ table: 'kv_watch_later' });
+  await s.init();
+  const kv = [];
+  s.on('change', (e) => kv.push(e.key));
+  // Rows of the table while nobody watches it, and a key-value write after them, so the
+  // capture has read (and remembered) the table's map before the watch starts.
+  await db.sql('INSERT INTO later VALUES (1, 1), (2, 2)');
+  await s.push('after-unwatched', 1);
+  await waitFor(() => kv.includes('after-unwatched'), 'the push after the unwatched rows');
+  const seen = [];
+  await s.watch('later', (e) => seen.push(e));
+  await db.sql('INSERT INTO later VALUES (3, 3)');
+  await db.sql('UPDATE later SET n = 30 WHERE id = 3');
+  await waitFor(() => seen.length >= 2, 'rows after watch()');
+  await sleep(200);
+  expect(seen.map((e) => [e.type, e.row])).toEqual([
+    ['insert', { id: 3, n: 3 }],
+    ['update', { id: 3, n: 30 }],
+  ]);
+});
+
 test('without column names in the binlog (binlog_row_metadata=MINIMAL), names come from information_schema, re-read after DDL', async () => {
   db.rootSql("SET GLOBAL binlog_row_metadata = 'MINIMAL'");
   try {
