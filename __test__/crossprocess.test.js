@@ -52,6 +52,29 @@ test('a push whose change-log row is missing (a trigger dropped by another proce
   expect(await s.push('b', { n: 1 })).toEqual({ key: 'b', version: 1 });
 });
 
+test("a user's trigger that writes more keys: pushes get their own versions, listeners see every row once", async () => {
+  const file = tmpDb();
+  const s = await started(file);
+  sqliteExternal(
+    file,
+    "CREATE TRIGGER audit_orders AFTER INSERT ON usp_kv WHEN NEW.k LIKE 'order:%' BEGIN INSERT INTO usp_kv (k, v) VALUES ('audit:' || NEW.k, '\"seen\"'); END;",
+  );
+  const seen = [];
+  s.on('change', (e) => seen.push(`${e.key}@${e.version}`));
+  const first = await Promise.all([s.push('order:1', { n: 1 }), s.push('order:2', { n: 2 }), s.push('plain', 1)]);
+  expect(first).toEqual([
+    { key: 'order:1', version: 1 },
+    { key: 'order:2', version: 1 },
+    { key: 'plain', version: 1 },
+  ]);
+  expect(await s.push('order:1', { n: 3 })).toEqual({ key: 'order:1', version: 2 });
+  const expected = ['order:1@1', 'order:2@1', 'plain@1', 'audit:order:1@1', 'audit:order:2@1', 'order:1@2'];
+  await waitFor(() => seen.length >= expected.length, 'every logged row');
+  await new Promise((r) => setTimeout(r, 100));
+  expect([...seen].sort()).toEqual([...expected].sort());
+  expect(await s.get('audit:order:2')).toBe('seen');
+});
+
 test('a write that fails inside a transaction rolls the transaction back whole: nothing half-written', async () => {
   const file = tmpDb();
   const s = await started(file);

@@ -134,7 +134,7 @@ struct Sql {
     tail: String,
     prune: String,
     log_end: String,
-    /// The log's own columns of our rows (the values we have).
+    /// Our rows, to match against our writes.
     own: String,
 }
 
@@ -154,7 +154,7 @@ impl Sql {
             tail: format!("SELECT seq, k, v, version, op, ts FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
             prune: format!("DELETE FROM {t}_changes WHERE seq <= ?1"),
             log_end: format!("SELECT seq FROM sqlite_sequence WHERE name = '{t}_changes'"),
-            own: format!("SELECT seq, k, op, version, ts FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
+            own: format!("SELECT seq, k, op, version, ts, v FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
             table: t.to_string(),
         }
     }
@@ -664,6 +664,8 @@ impl Store {
             }
         }
         let mut ours: Vec<LogRow> = Vec::new();
+        // Whether `ours` are all the rows the transaction logged.
+        let mut only_ours = true;
         if has_writes {
             let committed = match broken {
                 Some(e) => Err(Error::Db(format!(
@@ -672,8 +674,8 @@ impl Store {
                 None => Ok(()),
             }
             .and_then(|()| self.own_rows(base, &written))
-            .and_then(|rows| {
-                ours = rows;
+            .and_then(|(rows, only)| {
+                (ours, only_ours) = (rows, only);
                 self.conn.execute_batch("COMMIT").map_err(Error::from)
             });
             if let Err(e) = committed {
@@ -724,9 +726,13 @@ impl Store {
         }
         let mut fed = false;
         if !ours.is_empty() {
-            // Nothing unread before our rows and room for them: deliver them as they are.
-            // Otherwise the tail reads them again, in order after what comes first.
-            if base == self.last_seq && !self.blocked && self.core.free_capacity() >= ours.len() {
+            // Nothing unread before our rows, nothing else logged, and room for them: deliver
+            // them as they are. Otherwise the tail reads them again, in order with the others.
+            if only_ours
+                && base == self.last_seq
+                && !self.blocked
+                && self.core.free_capacity() >= ours.len()
+            {
                 self.feed(ours);
                 fed = true;
             } else {
@@ -755,32 +761,38 @@ impl Store {
         Ok(seq.unwrap_or(0) as u64)
     }
 
-    /// The change-log rows of this transaction's writes (all rows after `base`), checked one
-    /// for one against `written`, the writes that changed a row. Values are ours already:
-    /// only the log's own columns are read.
-    fn own_rows(&mut self, base: u64, written: &[Written]) -> Result<Vec<LogRow>> {
+    /// The change-log rows of this transaction's writes, in order, and whether they are all
+    /// the rows after `base`. Rows are matched to `written` (the writes that changed a row) by
+    /// key, kind and value: a user's trigger may write more rows (which the tail then reads),
+    /// but a write without its row fails the transaction. The values are ours already, so they
+    /// are compared, not copied.
+    fn own_rows(&mut self, base: u64, written: &[Written]) -> Result<(Vec<LogRow>, bool)> {
         if written.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), true));
         }
         let mut out: Vec<LogRow> = Vec::with_capacity(written.len());
+        let mut extra = 0usize;
         let mut stmt = self.conn.prepare_cached(&self.sql.own)?;
-        let mut rows = stmt.query(params![base as i64, written.len() as i64 + 1])?;
-        let mut intact = true;
+        // Every row after `base` is this transaction's: we hold the write lock.
+        let mut rows = stmt.query(params![base as i64, i64::MAX])?;
         while let Some(r) = rows.next()? {
             let Some((_, key, value)) = written.get(out.len()) else {
-                intact = false;
-                break;
+                extra += 1;
+                continue;
             };
             let kind = match r.get_ref(2)?.as_str().unwrap_or_default() {
                 "insert" => ChangeKind::Insert,
                 "delete" => ChangeKind::Delete,
                 _ => ChangeKind::Update,
             };
-            if r.get_ref(1)?.as_str().ok() != Some(&**key)
-                || (kind == ChangeKind::Delete) != value.is_none()
-            {
-                intact = false;
-                break;
+            let v = r.get_ref(5)?;
+            let same_value = match value {
+                Some(json) => v.as_str().ok() == Some(&**json),
+                None => kind == ChangeKind::Delete,
+            };
+            if r.get_ref(1)?.as_str().ok() != Some(&**key) || !same_value {
+                extra += 1;
+                continue;
             }
             out.push((
                 r.get(0)?,
@@ -791,14 +803,14 @@ impl Store {
                 r.get(4)?,
             ));
         }
-        if !intact || out.len() != written.len() {
+        if out.len() != written.len() {
             // The triggers were changed or dropped by someone: never guess a version.
             return Err(Error::Db(format!(
-                "the change log of table {:?} did not get one row per write, so nothing was written; its triggers were changed or dropped: reopen the database with this library to recreate them",
+                "the change log of table {:?} did not get a row for every write, so nothing was written; its triggers were changed or dropped: reopen the database with this library to recreate them",
                 self.sql.table
             )));
         }
-        Ok(out)
+        Ok((out, extra == 0))
     }
 
     fn read(&mut self, key: &str) -> Result<Option<CacheEntry>> {
