@@ -561,7 +561,8 @@ impl Store {
     ///
     /// The versions of our writes come from the change-log rows the triggers wrote, read once
     /// inside the transaction (a `RETURNING` clause costs SQLite a temporary table per
-    /// statement); after the commit those same rows are delivered without reading them again.
+    /// statement); after the commit those same rows are delivered without reading them again,
+    /// unless the transaction logged other rows too (a user's trigger).
     fn execute(&mut self, ops: Vec<Op>) -> Option<u32> {
         let has_writes = ops
             .iter()
@@ -572,7 +573,7 @@ impl Store {
         let mut reads: Vec<(Arc<str>, CacheEntry)> = Vec::new();
         let mut shutdown = None;
 
-        // The log's last seq before our writes: every row after it is ours, in write order.
+        // The log's last seq before our writes: every row after it is this transaction's.
         let mut base = 0u64;
         // The first write that failed: the transaction is then rolled back whole. A failed
         // statement does not always undo itself: a trigger's `RAISE(FAIL)` keeps its work.
