@@ -163,6 +163,15 @@ impl Sql {
 /// One change-log row: seq, key, value (JSON), version, kind, commit time (µs).
 type LogRow = (i64, Arc<str>, Option<Arc<str>>, i64, ChangeKind, i64);
 
+/// The kind of change of a change-log row's `op`.
+fn log_kind(op: &str) -> ChangeKind {
+    match op {
+        "insert" => ChangeKind::Insert,
+        "delete" => ChangeKind::Delete,
+        _ => ChangeKind::Update,
+    }
+}
+
 /// A write of the current transaction that changed a row: its index among the completions,
 /// its key, and its value (`None` for a delete).
 type Written = (usize, Arc<str>, Option<Arc<str>>);
@@ -781,11 +790,7 @@ impl Store {
                 extra += 1;
                 continue;
             };
-            let kind = match r.get_ref(2)?.as_str().unwrap_or_default() {
-                "insert" => ChangeKind::Insert,
-                "delete" => ChangeKind::Delete,
-                _ => ChangeKind::Update,
-            };
+            let kind = log_kind(r.get_ref(2)?.as_str().unwrap_or_default());
             let v = r.get_ref(5)?;
             let same_value = match value {
                 Some(json) => v.as_str().ok() == Some(&**json),
@@ -878,11 +883,7 @@ impl Store {
             .query_map(params![after as i64, limit as i64], |r| {
                 // Borrow the text columns: one allocation per value, straight into its Arc.
                 let key: Arc<str> = Arc::from(r.get_ref(1)?.as_str()?);
-                let kind = match r.get_ref(4)?.as_str()? {
-                    "insert" => ChangeKind::Insert,
-                    "delete" => ChangeKind::Delete,
-                    _ => ChangeKind::Update,
-                };
+                let kind = log_kind(r.get_ref(4)?.as_str()?);
                 let data = match (kind, r.get_ref(2)?.as_str_or_null()?) {
                     (ChangeKind::Delete, _) | (_, None) => None,
                     (_, Some(v)) => Some(json_or_string(v, &key)),

@@ -360,10 +360,8 @@ impl BinlogCapture {
             };
             // Rows events of tables we do not watch are skipped without decoding.
             if is_rows_event(header.event_type) {
-                let table_id = packet
-                    .get(20..26)
-                    .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], 0, 0]));
-                if !table_id.is_some_and(|id| {
+                let id = packet.get(20..26).map(table_id);
+                if !id.is_some_and(|id| {
                     matches!(tables.get(&id), Some(Table::Kv | Table::Watched(..)))
                 }) {
                     continue;
@@ -376,9 +374,7 @@ impl BinlogCapture {
                 let body = packet
                     .get(20..packet.len().saturating_sub(if crc { 4 } else { 0 }))
                     .unwrap_or(&[]);
-                let id = body
-                    .get(0..6)
-                    .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], 0, 0]));
+                let id = body.get(0..6).map(table_id);
                 let unchanged = id.and_then(|id| seen_maps.get(&id)).is_some_and(|m| {
                     m.body == body && same_spec(&m.spec, self.watched(&m.table).as_ref())
                 });
@@ -465,12 +461,7 @@ impl BinlogCapture {
                         }
                         Table::Kv
                     } else {
-                        let spec = self
-                            .watches
-                            .read()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get(&t.table_name)
-                            .cloned();
+                        let spec = self.watched(&t.table_name);
                         match spec {
                             Some(spec) => {
                                 // One re-read per (table, column count): rows logged before the
@@ -611,6 +602,11 @@ impl Outbox {
 
 /// The longest a committed transaction waits in the outbox for others to join it.
 const OUTBOX_WAIT: Duration = Duration::from_millis(1);
+
+/// A table id: the first 6 bytes (little-endian) of a table map or rows event body.
+fn table_id(b: &[u8]) -> u64 {
+    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], 0, 0])
+}
 
 /// Whether a table's watch is still the one a table map was decoded under.
 fn same_spec(a: &Option<Arc<WatchSpec>>, b: Option<&Arc<WatchSpec>>) -> bool {
