@@ -15,7 +15,9 @@ const KINDS = { i: 'insert', u: 'update', r: 'replace', d: 'delete' };
  * all of one shape, with `latency` measured at hand-off.
  */
 function decodeBatch(b, dispatchedAt) {
-  const { t, k, d, v, s, ts, src, x } = b;
+  const { t, d, v, s, tb, ts, src, x } = b;
+  // One string of keys joined by DEL, or an array when a key holds a DEL.
+  const k = typeof b.k === 'string' ? b.k.split('\x7f') : b.k;
   const oneSource = typeof src === 'string';
   const events = new Array(t.length);
   let j = 0;
@@ -28,7 +30,9 @@ function decodeBatch(b, dispatchedAt) {
       events[i] = e;
       continue;
     }
-    const timestamp = ts[j];
+    // Whole microseconds (exact in a double), then one division: the nearest double to the
+    // time in milliseconds.
+    const timestamp = (tb + ts[j]) / 1000;
     events[i] = {
       type: KINDS[c],
       key: k[j],
