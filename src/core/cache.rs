@@ -87,6 +87,10 @@ impl Cache {
     /// Updates `key` only if it is cached with an older version. Called by the single thread
     /// that writes the cache, so the check and the insert cannot interleave with another write.
     pub fn refresh(&self, key: &Arc<str>, entry: CacheEntry) -> bool {
+        // Most changed keys are not cached; `contains_key` does not record a read, `get` does.
+        if !self.inner.contains_key(key) {
+            return false;
+        }
         match self.inner.get(key) {
             Some(cur) if cur.version < entry.version => {
                 self.inner.insert(key.clone(), entry);

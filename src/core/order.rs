@@ -2,7 +2,8 @@
 //! order, so anything at or before the last admitted position is a replay; a versioned key also
 //! never goes back to a version it has already delivered (local echo, reconnect, mode switch).
 
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashTable};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use crate::event::{Change, ChangeKind};
@@ -27,51 +28,101 @@ pub struct Sequencer {
     next_seq: u64,
 }
 
-/// The last admitted version of at most `capacity` keys, in two generations of hash maps: a key
-/// found in the old one moves to the current one; when the current one holds half the capacity,
-/// the old one is dropped and the current one becomes old. So every key used within the last
-/// `capacity / 2` new keys is remembered. Cheaper than a linked LRU (no node per key, no list
-/// to relink on every hit), and the maps grow with use: a table sized for the whole capacity up
-/// front spread a few hot keys over tens of MB, and every lookup missed the CPU cache.
-#[derive(Debug)]
+/// The last admitted version of at most `capacity` keys, in two generations of hash tables: a
+/// key found in the old one moves to the current one; when the current one holds half the
+/// capacity, the old one is dropped and the current one becomes old. So every key used within
+/// the last `capacity / 2` new keys is remembered. Cheaper than a linked LRU (no node per key, no
+/// list to relink on every hit), and the tables grow with use: a table sized for the whole
+/// capacity up front spread a few hot keys over tens of MB, and every lookup missed the CPU
+/// cache. A key is hashed once per change (`hash`), not once per table operation, and its hash
+/// is kept in the entry, so a table that grows does not read every key again.
 struct Versions {
-    current: HashMap<Arc<str>, u64>,
-    old: HashMap<Arc<str>, u64>,
+    current: HashTable<Remembered>,
+    old: HashTable<Remembered>,
     half: usize,
+    hasher: DefaultHashBuilder,
+}
+
+impl std::fmt::Debug for Versions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Versions")
+            .field("current", &self.current.len())
+            .field("old", &self.old.len())
+            .field("half", &self.half)
+            .finish()
+    }
+}
+
+struct Remembered {
+    key: Arc<str>,
+    version: u64,
+    hash: u64,
+}
+
+fn same(key: &str) -> impl Fn(&Remembered) -> bool + '_ {
+    move |e| &*e.key == key
 }
 
 impl Versions {
     fn new(capacity: usize) -> Self {
         Versions {
-            current: HashMap::new(),
-            old: HashMap::new(),
+            current: HashTable::new(),
+            old: HashTable::new(),
             half: (capacity / 2).max(1),
+            hasher: DefaultHashBuilder::default(),
         }
     }
 
-    fn get_mut(&mut self, key: &Arc<str>) -> Option<&mut u64> {
-        if !self.current.contains_key(key) {
-            let (k, v) = self.old.remove_entry(key)?;
-            self.insert(k, v);
-        }
-        self.current.get_mut(key)
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
     }
 
-    fn insert(&mut self, key: Arc<str>, version: u64) {
-        if self.current.len() >= self.half && !self.current.contains_key(&key) {
+    /// The remembered version of `key` (`hash` from `hash`), moved into the current generation.
+    fn get_mut(&mut self, hash: u64, key: &str) -> Option<&mut u64> {
+        if self.current.find(hash, same(key)).is_none() {
+            let (e, _) = self.old.find_entry(hash, same(key)).ok()?.remove();
+            self.add(hash, e.key, e.version);
+        }
+        self.current
+            .find_mut(hash, same(key))
+            .map(|e| &mut e.version)
+    }
+
+    fn insert(&mut self, hash: u64, key: Arc<str>, version: u64) {
+        if let Some(e) = self.current.find_mut(hash, same(&key)) {
+            e.version = version;
+            return;
+        }
+        if let Ok(e) = self.old.find_entry(hash, same(&key)) {
+            e.remove();
+        }
+        self.add(hash, key, version);
+    }
+
+    /// Adds a key that neither generation holds.
+    fn add(&mut self, hash: u64, key: Arc<str>, version: u64) {
+        if self.current.len() >= self.half {
             self.old = std::mem::take(&mut self.current);
-            self.old.remove(&key);
         }
-        self.current.insert(key, version);
+        let entry = Remembered { key, version, hash };
+        self.current.insert_unique(hash, entry, |e| e.hash);
     }
 
-    fn remove(&mut self, key: &str) {
-        self.current.remove(key);
-        self.old.remove(key);
+    fn remove(&mut self, hash: u64, key: &str) {
+        if let Ok(e) = self.current.find_entry(hash, same(key)) {
+            e.remove();
+        }
+        if let Ok(e) = self.old.find_entry(hash, same(key)) {
+            e.remove();
+        }
     }
 
     fn peek(&self, key: &str) -> Option<u64> {
-        self.current.get(key).or_else(|| self.old.get(key)).copied()
+        let hash = self.hash(key);
+        self.current
+            .find(hash, same(key))
+            .or_else(|| self.old.find(hash, same(key)))
+            .map(|e| e.version)
     }
 
     #[cfg(test)]
@@ -107,8 +158,13 @@ impl Sequencer {
         }
         // A key seen before is checked and updated with one lookup.
         let mut remembered = false;
+        let hash = if c.table.is_none() {
+            self.versions.hash(&c.key)
+        } else {
+            0
+        };
         if c.versioned && c.table.is_none() {
-            if let Some(v) = self.versions.get_mut(&c.key) {
+            if let Some(v) = self.versions.get_mut(hash, &c.key) {
                 if c.version <= *v {
                     // Still move the position forward: this entry of the log is consumed.
                     if logged {
@@ -126,9 +182,12 @@ impl Sequencer {
         if c.table.is_some() || remembered {
             // A row of a watched table (no key-value versions), or a version already stored.
         } else if !c.versioned && c.kind == ChangeKind::Delete {
-            self.versions.remove(&c.key);
+            self.versions.remove(hash, &c.key);
+        } else if c.versioned {
+            // `get_mut` found it in neither generation.
+            self.versions.add(hash, c.key.clone(), c.version);
         } else {
-            self.versions.insert(c.key.clone(), c.version);
+            self.versions.insert(hash, c.key.clone(), c.version);
         }
         // A change read from the Redis bus comes numbered: every instance uses the stream's seq.
         let seq = if c.seq > 0 { c.seq } else { self.next_seq };
@@ -205,6 +264,33 @@ mod tests {
         assert_eq!(s.last_version("a"), Some(4));
         // Other keys are independent.
         assert!(matches!(s.admit(&mut ch("b", 1, 5)), Admission::Accept(_)));
+    }
+
+    #[test]
+    fn an_unversioned_change_replaces_the_remembered_version_in_either_generation() {
+        let mut s = Sequencer::new(4);
+        for (i, k) in ["a", "b", "c"].iter().enumerate() {
+            assert!(matches!(
+                s.admit(&mut ch(k, 1, i as u64 + 1)),
+                Admission::Accept(_)
+            ));
+        }
+        // "a" is in the old generation now; a SQL write left its version at 9.
+        let mut sql = Change {
+            versioned: false,
+            ..ch("a", 9, 4)
+        };
+        assert!(matches!(s.admit(&mut sql), Admission::Accept(_)));
+        assert_eq!(s.last_version("a"), Some(9));
+        assert_eq!(s.versions.len(), 3, "moved, not copied");
+        assert_eq!(s.admit(&mut ch("a", 9, 5)), Admission::StaleVersion);
+        // And in the current generation.
+        let mut sql = Change {
+            versioned: false,
+            ..ch("a", 12, 6)
+        };
+        assert!(matches!(s.admit(&mut sql), Admission::Accept(_)));
+        assert_eq!(s.last_version("a"), Some(12));
     }
 
     #[test]
