@@ -164,6 +164,12 @@ test("other processes' commits arrive at once while this process writes back to 
   const later = await insertElsewhere(file, 'ext:after');
   await waitFor(() => seen.has('ext:after'), 'the commit made after our writes', 3_000);
   expect(seen.get('ext:after') - later).toBeLessThan(1_000);
+  // The watch fires once per arming: each commit after the first wakes the engine too.
+  for (let i = 0; i < 3; i++) {
+    const at = await insertElsewhere(file, `ext:next${i}`);
+    await waitFor(() => seen.has(`ext:next${i}`), `commit ${i + 2} made after our writes`, 3_000);
+    expect(seen.get(`ext:next${i}`) - at).toBeLessThan(1_000);
+  }
 });
 
 function startPusher(file, writer, count, keys, total) {

@@ -7,6 +7,7 @@
 pub mod mongo;
 pub mod mysql;
 pub mod sqlite;
+mod wal_watch;
 
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};

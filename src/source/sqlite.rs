@@ -15,6 +15,7 @@ use crate::core::cache::CacheEntry;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::event::{json_or_string, now_us, Change, ChangeKind, ChangeLogSeq, Event, Position};
+use crate::source::wal_watch::WalWatch;
 use crate::source::StoreContext;
 use crate::store::{Completion, CompletionSink, Op};
 
@@ -309,8 +310,11 @@ impl StoreThread {
                     w.wrote();
                 }
             }
-            // Cleared before reading, so a commit during the read wakes us again.
+            // Cleared and armed again before reading, so a commit during the read wakes us.
             if wal_changed.swap(false, Relaxed) {
+                if let Some(w) = watch.as_mut() {
+                    w.arm();
+                }
                 // The WAL was written, but a commit becomes visible only when its writer then
                 // updates the WAL index (shared memory, which raises no file event): look again
                 // for a few ms, or a commit read a moment too early waits for `tailInterval`.
@@ -408,8 +412,8 @@ impl Drop for Checkpointer {
     }
 }
 
-/// Watches `<path>-wal`; each change sets `flag` and, unless a wake is already pending, queues
-/// `Op::Wake`. Returns the watch (dropping it stops it), or None when unavailable.
+/// Watches `<path>-wal` (see `WalWatch`), or None for `:memory:`, with `watch: false`, or
+/// when unavailable.
 fn watch_wal(
     cfg: &SqliteConfig,
     flag: Arc<AtomicBool>,
@@ -419,114 +423,13 @@ fn watch_wal(
     if cfg.path == ":memory:" || !cfg.watch {
         return None;
     }
-    let mut w = WalWatch {
-        watcher: None,
-        wal: std::path::PathBuf::from(format!("{}-wal", cfg.path)),
-        flag,
-        own_commit_us,
-        wake,
-        streak: 0,
-        last_write: None,
-    };
-    w.watcher = Some(w.start()?);
-    Some(w)
-}
-
-/// The file watch on the WAL, stopped while this process writes back to back: every WAL write
-/// raises an inotify event, which cost a busy writer about a fifth of its throughput, and the
-/// store thread reads the change log after each of its own transactions anyway (which also
-/// finds other processes' commits, through `PRAGMA data_version`). A new watch starts after
-/// `WATCH_RESUME_AFTER` without writes; meanwhile the loop looks at the log that often.
-struct WalWatch {
-    /// None while stopped.
-    watcher: Option<notify::RecommendedWatcher>,
-    wal: std::path::PathBuf,
-    flag: Arc<AtomicBool>,
-    own_commit_us: Arc<AtomicI64>,
-    wake: SyncSender<Op>,
-    /// Write transactions in a row, each within `WATCH_RESUME_AFTER` of the one before.
-    streak: u32,
-    last_write: Option<Instant>,
+    let wal = std::path::PathBuf::from(format!("{}-wal", cfg.path));
+    WalWatch::start(wal, flag, own_commit_us, wake)
 }
 
 /// After a WAL event, the log is read every `WAL_RECHECK_EVERY` for `WAL_RECHECK_FOR`.
 const WAL_RECHECK_EVERY: Duration = Duration::from_millis(1);
 const WAL_RECHECK_FOR: Duration = Duration::from_millis(5);
-
-/// Write transactions in a row that stop the watch.
-const WATCH_PAUSE_STREAK: u32 = 4;
-/// Without a write of ours for this long, the watch starts again.
-const WATCH_RESUME_AFTER: Duration = Duration::from_millis(20);
-/// How often the log is read while the watch is stopped and this process does not write.
-const WATCH_PAUSED_POLL: Duration = Duration::from_millis(2);
-
-impl WalWatch {
-    fn start(&self) -> Option<notify::RecommendedWatcher> {
-        use notify::{RecursiveMode, Watcher};
-        let (flag, own_commit_us, wake) = (
-            self.flag.clone(),
-            self.own_commit_us.clone(),
-            self.wake.clone(),
-        );
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Ok(ev) = res {
-                // Within 2 ms of our own commit the write is most likely ours; a foreign
-                // commit in that window is still found by the `tailInterval` poll.
-                let ours = now_us() - own_commit_us.load(Relaxed) < 2_000;
-                if (ev.kind.is_modify() || ev.kind.is_create())
-                    && !ours
-                    && !flag.swap(true, Relaxed)
-                {
-                    let _ = wake.try_send(Op::Wake);
-                }
-            }
-        })
-        .map_err(|e| tracing::debug!("no file watch, polling only: {e}"))
-        .ok()?;
-        watcher
-            .watch(&self.wal, RecursiveMode::NonRecursive)
-            .map_err(|e| {
-                tracing::debug!("no file watch on {}, polling only: {e}", self.wal.display())
-            })
-            .ok()?;
-        Some(watcher)
-    }
-
-    /// Records one write transaction of ours.
-    fn wrote(&mut self) {
-        let now = Instant::now();
-        let close = self
-            .last_write
-            .is_some_and(|t| now.duration_since(t) < WATCH_RESUME_AFTER);
-        self.streak = if close { self.streak + 1 } else { 1 };
-        self.last_write = Some(now);
-        if self.watcher.is_some() && self.streak >= WATCH_PAUSE_STREAK {
-            self.watcher = None;
-            tracing::trace!("WAL watch stopped: this process writes back to back");
-        }
-    }
-
-    /// Starts the watch again once our writes have stopped. Returns how long the loop may wait
-    /// before it reads the log: while stopped, `WATCH_PAUSED_POLL`; on starting, not at all
-    /// (a commit made meanwhile raised no event).
-    fn idle(&mut self) -> Option<Duration> {
-        if self.watcher.is_some() {
-            return None;
-        }
-        let quiet = self
-            .last_write
-            .is_none_or(|t| t.elapsed() >= WATCH_RESUME_AFTER);
-        if quiet {
-            if let Some(w) = self.start() {
-                self.watcher = Some(w);
-                self.streak = 0;
-                tracing::trace!("WAL watch started again");
-                return Some(Duration::ZERO);
-            }
-        }
-        Some(WATCH_PAUSED_POLL)
-    }
-}
 
 impl Store {
     fn new(
