@@ -8,10 +8,13 @@
 // Per event, latency = (time the 'change' listener runs) - (time push() was called), both from
 // process.hrtime. The first WARMUP events are left out. Reported: p50/p90/p99/max per round, and
 // the median of each over the rounds. The engine's own getStatus().latency (commit -> hand-off to
-// JS, over every event of the run, warm-up included) is printed next to it.
+// JS, over every event of the run, warm-up included) is printed next to it. For reference, each
+// round also sends the same schedule of messages to a Node worker thread that echoes them back:
+// what one hop to another thread and back into this event loop costs here, without the engine.
 //
 //   node benchmark/latency.js [--rate=1000] [--count=5000] [--rounds=3] [--warmup=250]
 
+const { Worker } = require('node:worker_threads');
 const {
   nowMs,
   summarize,
@@ -47,9 +50,7 @@ const ENGINE_FIELDS = ['count', 'p50', 'p95', 'p99', 'max', 'mean'];
 async function runOnce(UltimateStreamer, target) {
   const total = WARMUP + COUNT;
   const dbPath = target.name === 'file' ? tempDbPath('latency') : ':memory:';
-  const interval = 1000 / RATE;
-  // Maximum wall time of the paced phase: the schedule plus 50 % slack.
-  const pacedBudgetMs = (total * interval) * 1.5 + 2000;
+  const pacedBudgetMs = pacedBudget(total);
 
   const sent = new Float64Array(total).fill(NaN); // nowMs() when push(i) was called
   const seen = new Float64Array(total).fill(NaN); // listener time - sent
@@ -87,36 +88,19 @@ async function runOnce(UltimateStreamer, target) {
     await s.init();
 
     // Paced phase: absolute-time schedule, bounded by count and by time.
-    await new Promise((resolve) => {
-      const start = nowMs() + 5;
-      const deadline = start + pacedBudgetMs;
-      const tick = () => {
-        const now = nowMs();
-        while (issued < total && start + issued * interval <= now) {
-          const i = issued++;
-          const t = nowMs();
-          lag[i] = t - (start + i * interval);
-          sent[i] = t;
-          s.push(`${KEY_PREFIX}${i}`, { i, at: Date.now() }).then(
-            () => {
-              acked[i] = nowMs() - sent[i];
-            },
-            (err) => {
-              pushErrors++;
-              if (!firstPushError) firstPushError = err;
-            },
-          );
-        }
-        if (issued >= total || now >= deadline) {
-          pacedMs = now - start;
-          resolve();
-          return;
-        }
-        const delay = start + issued * interval - nowMs();
-        setTimeout(tick, Math.max(1, Math.floor(delay)));
-      };
-      setTimeout(tick, 5);
-    });
+    ({ issued, pacedMs } = await pace(total, pacedBudgetMs, (i, t) => {
+      lag[i] = t.lag;
+      sent[i] = t.at;
+      s.push(`${KEY_PREFIX}${i}`, { i, at: Date.now() }).then(
+        () => {
+          acked[i] = nowMs() - sent[i];
+        },
+        (err) => {
+          pushErrors++;
+          if (!firstPushError) firstPushError = err;
+        },
+      );
+    }));
 
     await waitFor(() => received + pushErrors >= issued, DRAIN_TIMEOUT_MS, 5);
     // Let the last push promises settle (they may arrive after the events).
@@ -162,6 +146,73 @@ async function runOnce(UltimateStreamer, target) {
   };
 }
 
+/** Maximum wall time of a paced phase of `total` calls: the schedule plus 50 % slack. */
+function pacedBudget(total) {
+  return total * (1000 / RATE) * 1.5 + 2000;
+}
+
+/**
+ * Calls `issue(i, { at, lag })` for i = 0 .. total-1 on an absolute-time schedule (call i is due
+ * at start + i / RATE; calls that fall behind are made as soon as the loop runs again, so the
+ * average rate stays at RATE), driven by setTimeout, bounded by `budgetMs`.
+ */
+function pace(total, budgetMs, issue) {
+  const interval = 1000 / RATE;
+  let issued = 0;
+  return new Promise((resolve) => {
+    const start = nowMs() + 5;
+    const deadline = start + budgetMs;
+    const tick = () => {
+      const now = nowMs();
+      while (issued < total && start + issued * interval <= now) {
+        const i = issued++;
+        const at = nowMs();
+        issue(i, { at, lag: at - (start + i * interval) });
+      }
+      if (issued >= total || now >= deadline) {
+        resolve({ issued, pacedMs: now - start });
+        return;
+      }
+      const delay = start + issued * interval - nowMs();
+      setTimeout(tick, Math.max(1, Math.floor(delay)));
+    };
+    setTimeout(tick, 5);
+  });
+}
+
+/**
+ * The reference: the same schedule, each message sent to a Node worker thread that sends it
+ * straight back (worker_threads postMessage). No database and no engine: the cost of one hop to
+ * another thread and back into this event loop on this machine.
+ */
+async function runWorkerOnce() {
+  const total = WARMUP + COUNT;
+  const sent = new Float64Array(total).fill(NaN);
+  const seen = new Float64Array(total).fill(NaN);
+  let received = 0;
+  const w = new Worker("require('node:worker_threads').parentPort.on('message', (m) => require('node:worker_threads').parentPort.postMessage(m));", { eval: true });
+  w.on('message', (i) => {
+    seen[i] = nowMs() - sent[i];
+    received++;
+  });
+  try {
+    await new Promise((resolve, reject) => {
+      w.once('online', resolve);
+      w.once('error', reject);
+    });
+    const { issued } = await pace(total, pacedBudget(total), (i, t) => {
+      sent[i] = t.at;
+      w.postMessage(i);
+    });
+    await waitFor(() => received >= issued, DRAIN_TIMEOUT_MS, 5);
+    const measured = [];
+    for (let i = WARMUP; i < issued; i++) if (!Number.isNaN(seen[i])) measured.push(seen[i]);
+    return { issued, received, missing: issued - received, roundTrip: summarize(measured) };
+  } finally {
+    await w.terminate();
+  }
+}
+
 async function main() {
   const UltimateStreamer = await loadStreamer();
   const command = commandFor(__filename, process.argv.slice(2));
@@ -170,6 +221,7 @@ async function main() {
   console.log(`latency: ${COUNT} measured pushes (+${WARMUP} warm-up) at ${RATE}/s, ${ROUNDS} rounds, stores: file, :memory:`);
 
   const rounds = [];
+  const workerRounds = [];
   const problems = [];
   for (let r = 1; r <= ROUNDS; r++) {
     for (const target of TARGETS) {
@@ -187,7 +239,14 @@ async function main() {
       if (res.pushErrors > 0) problems.push(`round ${r} ${target.name}: ${res.pushErrors} push() calls rejected (${res.firstPushError})`);
       if (res.issued < WARMUP + COUNT) problems.push(`round ${r} ${target.name}: only ${res.issued} of ${WARMUP + COUNT} pushes issued within the time bound`);
     }
+    const ref = await runWorkerOnce();
+    ref.round = r;
+    workerRounds.push(ref);
+    const q = ref.roundTrip;
+    console.log(`  round ${r} worker round trip (reference)  p50 ${fmt(q.p50)} p90 ${fmt(q.p90)} p99 ${fmt(q.p99)} max ${fmt(q.max)} ms  (received ${ref.received}/${ref.issued})`);
+    if (ref.missing > 0) problems.push(`round ${r} worker: ${ref.missing} of ${ref.issued} messages never came back`);
   }
+  const workerMedian = medianOf(workerRounds.map((x) => x.roundTrip), STAT_FIELDS);
 
   const medians = {};
   for (const target of TARGETS) {
@@ -209,6 +268,11 @@ async function main() {
       const m = medians[t.name];
       return [t.label, fmt(m.achievedRate, 0), m.pushToListener.p50, m.pushToListener.p90, m.pushToListener.p99, m.pushToListener.max, m.pushToListener.mean];
     }),
+  );
+  printTable(
+    `reference, ms (median of ${ROUNDS} rounds): a message to a Node worker thread and back (worker_threads postMessage), same schedule, no engine`,
+    ['path', 'rate/s', 'p50', 'p90', 'p99', 'max', 'mean'],
+    [['worker round trip', fmt(RATE, 0), workerMedian.p50, workerMedian.p90, workerMedian.p99, workerMedian.max, workerMedian.mean]],
   );
   printTable(
     'for comparison, ms (median of rounds): push() -> its promise resolved; commit -> JS per event (e.latency); push() call behind schedule',
@@ -247,6 +311,8 @@ async function main() {
     summary.push({ metric: `engine getStatus().latency p50 / p99 (${t.label})`, value: `${fmt(m.engineStatusLatency.p50)} / ${fmt(m.engineStatusLatency.p99)}`, unit: 'ms' });
   }
 
+  summary.push({ metric: `reference: worker_threads round trip p50 / p99 (${RATE}/s)`, value: `${fmt(workerMedian.p50)} / ${fmt(workerMedian.p99)}`, unit: 'ms' });
+
   printProblems(problems);
 
   const file = writeResult('latency', {
@@ -259,6 +325,7 @@ async function main() {
     ok: problems.length === 0,
     problems,
     median: medians,
+    workerRoundTrip: { median: workerMedian, rounds: workerRounds },
     rounds,
     summary,
   });
