@@ -253,6 +253,8 @@ impl<C: BusCheckpoint> Run<C> {
                         }
                     }
                     SourceMsg::Stop => stopping = true,
+                    // Only a pipeline sends it to itself.
+                    SourceMsg::Wake => {}
                 }
             }
             flush(&mut changes, &mut checkpoint, &mut entries);

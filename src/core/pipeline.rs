@@ -31,6 +31,9 @@ pub enum SourceMsg<C> {
     Notice(Event),
     /// Deliver what was received, then stop.
     Stop,
+    /// A delivery slot freed up while events wait for one. Sent by the pipeline's own waker,
+    /// never by a source: it wakes the thread from its wait for messages.
+    Wake,
 }
 
 /// A source's resume position. A newer checkpoint usually replaces the older one; a source
@@ -63,9 +66,10 @@ impl<C: Checkpoint> Pipeline<C> {
         let (tx, rx) = sync_channel(capacity.max(1));
         let delivered = Arc::new(Mutex::new(start));
         let d = delivered.clone();
+        let wake = tx.clone();
         let handle = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || run(source, core, sink, opts, rx, d))?;
+            .spawn(move || run(source, core, sink, opts, rx, wake, d))?;
         Ok(Pipeline {
             tx,
             handle: Some(handle),
@@ -89,11 +93,25 @@ impl<C: Checkpoint> Pipeline<C> {
     /// Delivers what was received (within bounds), stops the thread and returns the final
     /// checkpoint.
     pub fn stop(mut self) -> Option<C> {
-        let _ = self.tx.send(SourceMsg::Stop);
+        self.join();
+        self.delivered()
+    }
+}
+
+impl<C> Pipeline<C> {
+    fn join(&mut self) {
         if let Some(h) = self.handle.take() {
+            let _ = self.tx.send(SourceMsg::Stop);
             let _ = h.join();
         }
-        self.delivered()
+    }
+}
+
+/// The thread holds a sender of its own channel (its waker's), so it never sees the channel
+/// disconnect: a pipeline dropped without `stop()` stops it here.
+impl<C> Drop for Pipeline<C> {
+    fn drop(&mut self) {
+        self.join();
     }
 }
 
@@ -103,14 +121,18 @@ fn run<C: Checkpoint>(
     sink: Arc<dyn BatchSink>,
     opts: BatchOptions,
     rx: Receiver<SourceMsg<C>>,
+    wake: SyncSender<SourceMsg<C>>,
     delivered: Arc<Mutex<Option<C>>>,
 ) {
     let me = std::thread::current();
     let woken = Arc::new(AtomicBool::new(false));
     let w = woken.clone();
+    // The thread waits either parked (the delivery queue is full) or for a message: wake both.
+    // A full channel needs no `Wake`, its messages wake the thread.
     let waker: crate::sink::Waker = Box::new(move || {
         w.store(true, Relaxed);
         me.unpark();
+        let _ = wake.try_send(SourceMsg::Wake);
     });
     let mut batcher = Batcher::new(sink, opts, core.metrics.clone(), Some(waker));
     let handle = |msg: SourceMsg<C>, batcher: &mut Batcher| -> bool {
@@ -152,6 +174,7 @@ fn run<C: Checkpoint>(
                 true
             }
             SourceMsg::Stop => false,
+            SourceMsg::Wake => true,
         }
     };
     loop {
@@ -212,5 +235,103 @@ fn advance<C: Checkpoint>(delivered: &Mutex<Option<C>>, c: C) {
     match d.as_mut() {
         Some(old) => old.advance(c),
         None => *d = Some(c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ChangeKind, ChangeLogSeq, Position};
+    use crate::metrics::Metrics;
+    use crate::sink::Ack;
+
+    #[derive(Clone)]
+    struct Cp;
+    impl Checkpoint for Cp {}
+
+    /// Records when each batch arrived and holds its slot until told.
+    #[derive(Default)]
+    struct Holder {
+        arrived: Mutex<Vec<Instant>>,
+        held: Mutex<Vec<Ack>>,
+    }
+
+    impl BatchSink for Holder {
+        fn deliver(&self, _events: Vec<Event>, ack: Ack) -> bool {
+            self.arrived.lock().unwrap().push(Instant::now());
+            self.held.lock().unwrap().push(ack);
+            true
+        }
+    }
+
+    fn change(n: u64) -> Change {
+        Change {
+            kind: ChangeKind::Insert,
+            key: format!("k{n}").into(),
+            data: Some("1".into()),
+            version: 1,
+            versioned: true,
+            seq: 0,
+            position: Position::ChangeLog(ChangeLogSeq(n)),
+            source: "test",
+            commit_ts_us: 0,
+            table: None,
+            before: None,
+            meta: None,
+        }
+    }
+
+    fn wait_for(what: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        while !what() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "timed out");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    #[test]
+    fn events_waiting_for_a_slot_leave_as_soon_as_it_frees_up() {
+        let core = Arc::new(Core::new(
+            None,
+            100,
+            1 << 20,
+            100,
+            Arc::new(Metrics::new()),
+            1000,
+        ));
+        let sink = Arc::new(Holder::default());
+        let opts = BatchOptions {
+            batch_size: 10,
+            batch_timeout: Duration::ZERO,
+            max_in_flight: 1,
+        };
+        let p = Pipeline::<Cp>::start("t", "test", core, sink.clone(), opts, 8, None).unwrap();
+        let send = |n: u64| {
+            p.sender()
+                .send(SourceMsg::Changes {
+                    changes: vec![change(n)],
+                    checkpoint: Some(Cp),
+                })
+                .unwrap();
+        };
+        send(1);
+        wait_for(|| sink.arrived.lock().unwrap().len() == 1);
+        // The fastest of three tries: the thread's idle wait for messages is 50 ms, which a
+        // freed slot must cut short.
+        let mut fastest = Duration::MAX;
+        for n in 2..5 {
+            send(n);
+            // Let the thread settle into its wait, with the change held back for lack of a slot.
+            std::thread::sleep(Duration::from_millis(10));
+            assert_eq!(sink.arrived.lock().unwrap().len() as u64, n - 1);
+            let freed = Instant::now();
+            sink.held.lock().unwrap().clear();
+            wait_for(|| sink.arrived.lock().unwrap().len() as u64 == n);
+            let at = *sink.arrived.lock().unwrap().last().unwrap();
+            fastest = fastest.min(at.duration_since(freed));
+        }
+        assert!(fastest < Duration::from_millis(20), "took {fastest:?}");
+        sink.held.lock().unwrap().clear();
+        drop(p);
     }
 }
