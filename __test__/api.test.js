@@ -3,7 +3,7 @@
 const path = require('node:path');
 const fs = require('node:fs');
 const UltimateStreamer = require('..');
-const { tmpDb, tmpDir, waitFor, runNode, ROOT } = require('./helpers');
+const { tmpDb, tmpDir, waitFor, runNode, ROOT, expectStoreContract } = require('./helpers');
 
 const streamers = [];
 function make(config) {
@@ -85,6 +85,12 @@ describe('push / get / delete', () => {
     // A push after a delete continues the version sequence.
     expect(await s.push('price:BTC', [1, 'two', null, true])).toEqual({ key: 'price:BTC', version: 4 });
     expect(await s.get('price:BTC')).toEqual([1, 'two', null, true]);
+  });
+
+  test('the store contract the server backends keep too', async () => {
+    const s = make({ connection: { path: ':memory:' } });
+    await s.init();
+    await expectStoreContract(s);
   });
 
   test('all JSON value kinds round-trip, unicode keys included', async () => {

@@ -182,6 +182,23 @@ function collectChanges(s) {
   };
 }
 
+/**
+ * The store contract every backend keeps, on a fresh key space: versions assigned by the
+ * database, concurrent calls (the same key several times) settled in call order, get after
+ * push and delete, delete of a missing key. Leaves 6 changes: a 1, a 2, b 1, b 2, a deleted (3),
+ * a 4 ('again').
+ */
+async function expectStoreContract(s) {
+  expect(await s.push('a', { x: 1 })).toEqual({ key: 'a', version: 1 });
+  expect(await s.push('a', { x: 2 })).toEqual({ key: 'a', version: 2 });
+  const r = await Promise.all([s.push('b', 1), s.push('b', 2), s.delete('a'), s.delete('a'), s.push('a', 'again')]);
+  expect(r).toEqual([{ key: 'b', version: 1 }, { key: 'b', version: 2 }, true, false, { key: 'a', version: 4 }]);
+  expect(await s.get('a')).toBe('again');
+  expect(await s.get('b')).toBe(2);
+  expect(await s.get('nope')).toBeNull();
+  expect(await s.delete('nope')).toBe(false);
+}
+
 let nameNo = 0;
 /** A name no other test of this run uses: `<prefix>_<n>_<pid>`. */
 function freshName(prefix) {
@@ -190,6 +207,7 @@ function freshName(prefix) {
 }
 
 module.exports = {
+  expectStoreContract,
   sqliteExternal,
   holdWriteLock,
   ROOT,

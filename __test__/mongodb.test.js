@@ -5,7 +5,7 @@
 // it unchanged; tests that restart or replace the server need the private one and say so.
 const { MongoClient } = require('mongodb');
 const UltimateStreamer = require('..');
-const { waitFor, rejectsWithCode, throwsWithCode, streamerPool, collectChanges, freshName } = require('./helpers');
+const { waitFor, rejectsWithCode, throwsWithCode, streamerPool, collectChanges, freshName, expectStoreContract } = require('./helpers');
 const { startMongo } = require('./mongo');
 
 jest.setTimeout(120_000);
@@ -55,15 +55,7 @@ describe('store contract and change streams', () => {
     expect(st.connected).toBe(true);
     expect(st.source.server.version).toMatch(/^\d+\.\d+/);
 
-    expect(await s.push('a', { x: 1 })).toEqual({ key: 'a', version: 1 });
-    expect(await s.push('a', { x: 2 })).toEqual({ key: 'a', version: 2 });
-    // Concurrent calls, the same key several times: versions follow call order.
-    const r = await Promise.all([s.push('b', 1), s.push('b', 2), s.delete('a'), s.delete('a'), s.push('a', 'again')]);
-    expect(r).toEqual([{ key: 'b', version: 1 }, { key: 'b', version: 2 }, true, false, { key: 'a', version: 4 }]);
-    expect(await s.get('a')).toBe('again');
-    expect(await s.get('b')).toBe(2);
-    expect(await s.get('nope')).toBeNull();
-    expect(await s.delete('nope')).toBe(false);
+    await expectStoreContract(s);
 
     await waitFor(() => seen.count() >= 6, '6 change events');
     // The saved checkpoint shows in status: the KV collection's stream and the end of its token.
