@@ -136,7 +136,7 @@ export interface StreamerOptions {
     tailInterval?: number;
     /** Change-log rows kept for readers that are behind. Default 100000. */
     changeLogRetention?: number;
-    /** Watch the WAL file so other processes' commits are seen at once (else polled every tailInterval). Default true. */
+    /** Watch the WAL file (Linux, inotify) so other processes' commits are seen at once (else, and on other systems, polled every tailInterval). Default true. */
     watch?: boolean;
   };
 }

@@ -45,7 +45,8 @@ pub struct SqliteConfig {
     pub tail_interval_ms: u64,
     /// Change-log rows kept for readers that are behind (other processes, restarts).
     pub change_log_retention: u64,
-    /// Watch the WAL file so other processes' commits are seen at once (else only polled).
+    /// Watch the WAL file (Linux, inotify) so other processes' commits are seen at once (else,
+    /// and on other systems, only polled).
     pub watch: bool,
 }
 
