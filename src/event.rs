@@ -391,9 +391,14 @@ pub fn encode_js_batch(events: &[Event]) -> String {
                 }
                 data.push_str(sep);
                 data.push_str(c.data.as_deref().unwrap_or("null"));
-                let _ = write!(nums, "{sep}{}", c.version);
-                let _ = write!(seqs, "{sep}{}", c.seq);
-                let _ = write!(times, "{sep}{}", c.commit_ts_us.wrapping_sub(base_us));
+                // itoa: `write!` goes through the formatting machinery for every number.
+                let mut n = itoa::Buffer::new();
+                nums.push_str(sep);
+                nums.push_str(n.format(c.version));
+                seqs.push_str(sep);
+                seqs.push_str(n.format(c.seq));
+                times.push_str(sep);
+                times.push_str(n.format(c.commit_ts_us.wrapping_sub(base_us)));
                 mixed |= sources.first().is_some_and(|s| *s != c.source);
                 sources.push(c.source);
             }
