@@ -190,7 +190,8 @@ async function runWorkerOnce() {
   const sent = new Float64Array(total).fill(NaN);
   const seen = new Float64Array(total).fill(NaN);
   let received = 0;
-  const w = new Worker("require('node:worker_threads').parentPort.on('message', (m) => require('node:worker_threads').parentPort.postMessage(m));", { eval: true });
+  const echo = "const { parentPort } = require('node:worker_threads'); parentPort.on('message', (m) => parentPort.postMessage(m));";
+  const w = new Worker(echo, { eval: true });
   w.on('message', (i) => {
     seen[i] = nowMs() - sent[i];
     received++;

@@ -224,6 +224,11 @@ mod imp {
                 let _ = stopped.read(&mut [0u8; 1]);
                 return;
             }
+            if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                // Polling it again would return at once, forever: leave it to `tailInterval`.
+                tracing::debug!("WAL watch stopped: the inotify descriptor failed");
+                return;
+            }
             let mut written = false;
             loop {
                 match inotify.read_events(&mut buf) {

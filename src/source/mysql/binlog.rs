@@ -195,8 +195,6 @@ impl BinlogCapture {
         }
     }
 
-    /// Re-reads a watched table's columns after DDL (only needed when the binlog carries no
-    /// column names), on a connection of this thread's own, and keeps the result for `watch()`.
     /// The current watch of `table`, if any.
     fn watched(&self, table: &str) -> Option<Arc<WatchSpec>> {
         self.watches
@@ -206,6 +204,8 @@ impl BinlogCapture {
             .cloned()
     }
 
+    /// Re-reads a watched table's columns after DDL (only needed when the binlog carries no
+    /// column names), on a connection of this thread's own, and keeps the result for `watch()`.
     fn refresh(&mut self, spec: &WatchSpec) -> Option<Arc<WatchSpec>> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
