@@ -43,6 +43,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// Largest multi-row statement we build, in bytes of values (well under `max_allowed_packet`).
 const MAX_STATEMENT_BYTES: usize = 4 << 20;
+/// Largest write transaction, in bytes of keys and values, sent as one text query (see
+/// `Store::write`); escaping can double it, well under the smallest default
+/// `max_allowed_packet` (4 MiB in MySQL 5.7).
+const INLINE_MAX_BYTES: usize = 1 << 20;
 /// Shortest look-back of each poll (see `poll`).
 const POLL_OVERLAP_MIN: Duration = Duration::from_secs(1);
 /// Messages (each up to `CHUNK_ROWS` changes) waiting between capture and delivery.
@@ -142,6 +146,66 @@ impl Sql {
                 "INSERT INTO `{t}_checkpoint` (name, file, pos) VALUES (?, ?, ?) ON DUPLICATE KEY UPDATE file = VALUES(file), pos = VALUES(pos)"
             ),
         }
+    }
+
+    /// The statements of a write transaction, in call order: a multi-row upsert per run of
+    /// puts (split at `MAX_STATEMENT_BYTES`), a multi-row delete per run of deletes. With
+    /// `inline` (whether the session has NO_BACKSLASH_ESCAPES) the values are escaped literals
+    /// in the text; without it, placeholders with their parameters.
+    fn writes(&self, writes: &[Op], inline: Option<bool>) -> Vec<(String, Vec<SqlValue>)> {
+        let arg = |text: &mut String, params: &mut Vec<SqlValue>, v: &str| match inline {
+            Some(nbs) => text.push_str(&SqlValue::from(v).as_sql(nbs)),
+            None => {
+                text.push('?');
+                params.push(SqlValue::from(v));
+            }
+        };
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < writes.len() {
+            let mut text = String::new();
+            let mut params = Vec::new();
+            match &writes[i] {
+                Op::Put { .. } => {
+                    text.push_str(&self.upsert_prefix);
+                    let mut bytes = 0;
+                    let mut n = 0;
+                    while let Some(Op::Put { key, json, .. }) = writes.get(i) {
+                        if n > 0 && bytes + json.len() > MAX_STATEMENT_BYTES {
+                            break;
+                        }
+                        bytes += json.len() + key.len();
+                        text.push_str(if n == 0 { "(" } else { ",(" });
+                        arg(&mut text, &mut params, key);
+                        text.push(',');
+                        arg(&mut text, &mut params, json);
+                        text.push_str(",1,0)");
+                        n += 1;
+                        i += 1;
+                    }
+                    text.push_str(self.upsert_suffix);
+                }
+                Op::Delete { .. } => {
+                    text.push_str(&self.delete_prefix);
+                    let mut n = 0;
+                    while let Some(Op::Delete { key, .. }) = writes.get(i) {
+                        if n > 0 {
+                            text.push(',');
+                        }
+                        arg(&mut text, &mut params, key);
+                        n += 1;
+                        i += 1;
+                    }
+                    text.push(')');
+                }
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            }
+            out.push((text, params));
+        }
+        out
     }
 
     fn schema(&self, mariadb: bool) -> Vec<String> {
@@ -291,6 +355,8 @@ struct Store {
     core: Arc<Core>,
     checkpoint_name: String,
     saved: Option<Resume>,
+    /// The session's `sql_mode` has NO_BACKSLASH_ESCAPES: string literals escape quotes only.
+    no_backslash_escapes: bool,
 }
 
 /// What `Store::start` found.
@@ -375,6 +441,7 @@ impl MysqlStoreThread {
             core: core.clone(),
             checkpoint_name: server.capture.checkpoint_name.clone(),
             saved: None,
+            no_backslash_escapes: false,
         };
         let started = match rt.block_on(store.start(&status)) {
             Ok(s) => s,
@@ -796,6 +863,13 @@ impl Store {
             c.query_drop("SET time_zone = '+00:00'")
                 .await
                 .map_err(|e| sql_error(e, "setting the session time zone"))?;
+            // Write transactions carry their values as escaped literals (see `write`), and
+            // how to escape depends on this mode.
+            let nbs: Option<bool> = c
+                .query_first("SELECT INSTR(@@SESSION.sql_mode, 'NO_BACKSLASH_ESCAPES') > 0")
+                .await
+                .map_err(|e| sql_error(e, "reading the session sql_mode"))?;
+            self.no_backslash_escapes = nbs.unwrap_or(false);
             self.conn = Some(c);
         }
         Ok(self.conn.as_mut().expect("set above"))
@@ -1041,23 +1115,155 @@ impl Store {
     /// One transaction: lock the rows, apply puts and deletes as multi-row statements in call
     /// order, and compute each call's version from the locked rows (exact, since nobody else can
     /// change them until commit).
+    ///
+    /// A round trip to the server costs more than the statements of a typical shared
+    /// transaction, so the whole transaction goes as one multi-statement text query with its
+    /// values as escaped literals: the statements do not depend on what the lock read returns,
+    /// only the versions do. A transaction with more than `INLINE_MAX_BYTES` of keys and values
+    /// uses prepared statements instead (one round trip each), which pass large values as
+    /// parameters, never as text near `max_allowed_packet`.
     async fn write(&mut self, writes: &[Op]) -> Result<Vec<Completion>> {
         let mut keys: Vec<&str> = Vec::with_capacity(writes.len());
+        let mut bytes = 0;
         for op in writes {
-            if let Op::Put { key, .. } | Op::Delete { key, .. } = op {
-                keys.push(key);
+            match op {
+                Op::Put { key, json, .. } => {
+                    keys.push(key);
+                    bytes += key.len() + json.len();
+                }
+                Op::Delete { key, .. } => {
+                    keys.push(key);
+                    bytes += key.len();
+                }
+                _ => {}
             }
         }
         keys.sort_unstable();
         keys.dedup();
+        let locked = if bytes <= INLINE_MAX_BYTES {
+            self.write_inline(&keys, writes).await?
+        } else {
+            self.write_prepared(&keys, writes).await?
+        };
+        // key -> (version, deleted), as the statements leave it.
+        let mut state: HashMap<String, (u64, bool)> = locked
+            .into_iter()
+            .map(|(k, v, d)| (k, (v, d != 0)))
+            .collect();
+        let mut done = Vec::with_capacity(writes.len());
+        // What the cache learns at commit, for read-your-writes before
+        // the binlog brings the same change.
+        let mut learned: Vec<(&Arc<str>, CacheEntry)> = Vec::new();
+        for op in writes {
+            match op {
+                Op::Put { id, key, json } => {
+                    let entry = state.entry(key.to_string()).or_insert((0, false));
+                    entry.0 += 1;
+                    entry.1 = false;
+                    done.push(Completion::Pushed {
+                        id: *id,
+                        version: entry.0,
+                    });
+                    learned.push((
+                        key,
+                        CacheEntry {
+                            version: entry.0,
+                            value: Some(json.as_str().into()),
+                        },
+                    ));
+                }
+                Op::Delete { id, key } => {
+                    let existed = match state.get_mut(&**key) {
+                        Some(s) if !s.1 => {
+                            s.0 += 1;
+                            s.1 = true;
+                            learned.push((
+                                key,
+                                CacheEntry {
+                                    version: s.0,
+                                    value: None,
+                                },
+                            ));
+                            true
+                        }
+                        _ => false,
+                    };
+                    done.push(Completion::Deleted { id: *id, existed });
+                }
+                _ => {}
+            }
+        }
+        if let Some(cache) = &self.core.cache {
+            for (key, entry) in learned {
+                cache.refresh(key, entry);
+            }
+        }
+        let m = &self.core.metrics;
+        m.transactions.fetch_add(1, Relaxed);
+        m.writes.fetch_add(done.len() as u64, Relaxed);
+        Ok(done)
+    }
+
+    /// Runs the transaction as one text query; returns the locked rows as they were before it.
+    async fn write_inline(
+        &mut self,
+        keys: &[&str],
+        writes: &[Op],
+    ) -> Result<Vec<(String, u64, i8)>> {
+        let nbs = self.no_backslash_escapes;
+        let mut text = String::from("START TRANSACTION;");
+        text.push_str(&self.sql.lock_prefix);
+        for (i, k) in keys.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(&SqlValue::from(*k).as_sql(nbs));
+        }
+        text.push_str(") FOR UPDATE");
+        for (stmt, _) in self.sql.writes(writes, Some(nbs)) {
+            text.push(';');
+            text.push_str(&stmt);
+        }
+        text.push_str(";COMMIT");
+        let conn = self.conn().await?;
+        let e = |e| sql_error(e, "writing");
+        let run = async {
+            let mut r = conn.query_iter(text).await?;
+            // START TRANSACTION, then the lock read; the rest ends with COMMIT.
+            r.collect::<mysql_async::Row>().await?;
+            let rows = r.try_collect::<(String, u64, i8)>().await?;
+            r.drop_result().await?;
+            Ok::<_, mysql_async::Error>(rows)
+        };
+        match run.await {
+            Ok(rows) => rows
+                .into_iter()
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    Error::Internal(format!("unexpected row in the key-value table: {e}"))
+                }),
+            Err(err) => {
+                // A failed statement ends the query there, with its transaction still open.
+                if let Some(c) = self.conn.as_mut() {
+                    let _ = c.query_drop("ROLLBACK").await;
+                }
+                Err(e(err))
+            }
+        }
+    }
+
+    /// Runs the transaction statement by statement, with the values as parameters.
+    async fn write_prepared(
+        &mut self,
+        keys: &[&str],
+        writes: &[Op],
+    ) -> Result<Vec<(String, u64, i8)>> {
         let lock = format!(
             "{}{}) FOR UPDATE",
             self.sql.lock_prefix,
             placeholders(keys.len())
         );
-        let upsert_prefix = self.sql.upsert_prefix.clone();
-        let upsert_suffix = self.sql.upsert_suffix;
-        let delete_prefix = self.sql.delete_prefix.clone();
+        let statements = self.sql.writes(writes, None);
         let conn = self.conn().await?;
         let e = |e| sql_error(e, "writing");
         let mut tx = conn.start_transaction(TxOpts::default()).await.map_err(e)?;
@@ -1068,82 +1274,11 @@ impl Store {
             )
             .await
             .map_err(e)?;
-        // key -> (version, deleted), as the statements below will leave it.
-        let mut state: HashMap<String, (u64, bool)> =
-            rows.into_iter().map(|(k, v, d)| (k, (v, d != 0))).collect();
-        let mut done = Vec::with_capacity(writes.len());
-        // What the cache learns at commit: (key, version, value), for read-your-writes before
-        // the binlog brings the same change.
-        let mut learned: Vec<(Arc<str>, u64, Option<Arc<str>>)> = Vec::new();
-        let mut i = 0;
-        while i < writes.len() {
-            match &writes[i] {
-                Op::Put { .. } => {
-                    let mut params: Vec<SqlValue> = Vec::new();
-                    let mut bytes = 0;
-                    let mut n = 0;
-                    while let Some(Op::Put { id, key, json }) = writes.get(i) {
-                        if n > 0 && bytes + json.len() > MAX_STATEMENT_BYTES {
-                            break;
-                        }
-                        bytes += json.len() + key.len();
-                        params.push(SqlValue::from(&**key));
-                        params.push(SqlValue::from(json.as_str()));
-                        let entry = state.entry(key.to_string()).or_insert((0, false));
-                        entry.0 += 1;
-                        entry.1 = false;
-                        done.push(Completion::Pushed {
-                            id: *id,
-                            version: entry.0,
-                        });
-                        learned.push((key.clone(), entry.0, Some(json.as_str().into())));
-                        n += 1;
-                        i += 1;
-                    }
-                    let mut stmt = String::with_capacity(upsert_prefix.len() + n * 12 + 120);
-                    stmt.push_str(&upsert_prefix);
-                    for j in 0..n {
-                        stmt.push_str(if j == 0 {
-                            "(?, ?, 1, 0)"
-                        } else {
-                            ",(?, ?, 1, 0)"
-                        });
-                    }
-                    stmt.push_str(upsert_suffix);
-                    tx.exec_drop(stmt, params).await.map_err(e)?;
-                }
-                Op::Delete { .. } => {
-                    let mut params: Vec<SqlValue> = Vec::new();
-                    while let Some(Op::Delete { id, key }) = writes.get(i) {
-                        let existed = match state.get_mut(&**key) {
-                            Some(s) if !s.1 => {
-                                s.0 += 1;
-                                s.1 = true;
-                                learned.push((key.clone(), s.0, None));
-                                true
-                            }
-                            _ => false,
-                        };
-                        params.push(SqlValue::from(&**key));
-                        done.push(Completion::Deleted { id: *id, existed });
-                        i += 1;
-                    }
-                    let stmt = format!("{}{})", delete_prefix, placeholders(params.len()));
-                    tx.exec_drop(stmt, params).await.map_err(e)?;
-                }
-                _ => i += 1,
-            }
+        for (stmt, params) in statements {
+            tx.exec_drop(stmt, params).await.map_err(e)?;
         }
         tx.commit().await.map_err(e)?;
-        if let Some(cache) = &self.core.cache {
-            for (key, version, value) in learned {
-                cache.refresh(&key, CacheEntry { version, value });
-            }
-        }
-        let m = &self.core.metrics;
-        m.transactions.fetch_add(1, Relaxed);
-        m.writes.fetch_add(done.len() as u64, Relaxed);
-        Ok(done)
+        Ok(rows)
     }
 
     async fn read(&mut self, reads: &[(u32, Arc<str>)]) -> Result<Vec<Completion>> {
