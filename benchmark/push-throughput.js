@@ -13,6 +13,13 @@
 //                                   `INSERT ... ON CONFLICT(k) DO UPDATE SET v=excluded.v,
 //                                   version=version+1 ... RETURNING version` synchronously in
 //                                   autocommit mode, then yields (`await`)
+//   better-sqlite3, batched         the floor of what push() does, by hand, in this thread: the
+//                                   engine's own schema (a streamer creates it, then is closed),
+//                                   so each upsert also fires the change-log triggers; the calls
+//                                   waiting at a tick are written in one transaction (BEGIN
+//                                   IMMEDIATE, the upserts, their versions read from the change
+//                                   log as the engine does, COMMIT), then resolved. No engine, no
+//                                   second thread, no delivery: what SQLite allows for these writes.
 // Modes are interleaved round by round; medians over the rounds and ratios against better-sqlite3
 // (from the medians of this run) are reported. After every run the file is reopened and
 // SUM(version) is checked against the number of upserts.
@@ -53,6 +60,7 @@ const MODES = [
   { name: 'usp', label: 'ultimate-streaming push()', kind: 'usp', listener: false },
   { name: 'usp+listener', label: "ultimate-streaming push() + 'change' listener", kind: 'usp', listener: true },
   { name: 'better-sqlite3', label: 'better-sqlite3 upsert, autocommit', kind: 'bsq' },
+  { name: 'bsq-batched', label: "better-sqlite3, engine's schema, shared transactions (floor)", kind: 'bsq-batched' },
 ];
 
 // A fixed pseudo-random key sequence (xorshift32), identical for every mode and round.
@@ -158,6 +166,68 @@ async function runBsq(Database) {
   return { warm, timed, check, events: null, engine: null };
 }
 
+async function runBsqBatched(UltimateStreamer, Database) {
+  const dbPath = tempDbPath('push-floor');
+  // The engine's exact schema (tables, triggers), made by the engine; closed before better-sqlite3
+  // opens the file (two SQLite libraries in one process must not share a file).
+  const s = new UltimateStreamer({ connection: { path: dbPath } });
+  await s.init();
+  await s.close();
+  let warm;
+  let timed;
+  let transactions = 0;
+  let writes = 0;
+  const db = new Database(dbPath);
+  try {
+    db.pragma('journal_mode = WAL');
+    db.pragma('synchronous = NORMAL');
+    db.pragma('busy_timeout = 5000');
+    const upsert = db.prepare(
+      'INSERT INTO usp_kv (k, v, version, deleted, updated_at) VALUES (?, ?, 1, 0, ?)' +
+        ' ON CONFLICT(k) DO UPDATE SET v = excluded.v, version = usp_kv.version + 1, deleted = 0, updated_at = excluded.updated_at',
+    );
+    const logEnd = db.prepare("SELECT seq FROM sqlite_sequence WHERE name = 'usp_kv_changes'").pluck();
+    const logged = db.prepare('SELECT version FROM usp_kv_changes WHERE seq > ? ORDER BY seq').pluck();
+    let pending = [];
+    const flush = () => {
+      const batch = pending;
+      pending = [];
+      const ts = Date.now() * 1000;
+      let versions;
+      try {
+        db.exec('BEGIN IMMEDIATE');
+        const base = logEnd.get() || 0;
+        for (const w of batch) upsert.run(w.key, w.json, ts);
+        versions = logged.all(base);
+        db.exec('COMMIT');
+      } catch (e) {
+        if (db.inTransaction) db.exec('ROLLBACK');
+        for (const w of batch) w.reject(e);
+        return;
+      }
+      transactions++;
+      writes += batch.length;
+      batch.forEach((w, j) => w.resolve({ key: w.key, version: versions[j] }));
+    };
+    const op = (i, p) =>
+      new Promise((resolve, reject) => {
+        if (pending.length === 0) setImmediate(flush);
+        pending.push({ key: `key:${KEY_SEQ[i]}`, json: JSON.stringify(valueFor(i, p)), resolve, reject });
+      });
+    warm = await drive(op, 0, WARMUP, PUSHERS, MAX_MS);
+    timed = await drive(op, WARMUP, TOTAL, PUSHERS, MAX_MS);
+  } finally {
+    db.close();
+  }
+  let check;
+  try {
+    check = checkVersions(Database, dbPath, 'usp_kv');
+  } finally {
+    removeDb(dbPath);
+  }
+  return { warm, timed, check, events: null, engine: { store: { transactions, writes } } };
+}
+
 async function main() {
   const UltimateStreamer = await loadStreamer();
   const Database = loadBetterSqlite3();
@@ -177,7 +247,12 @@ async function main() {
     for (const mode of MODES) {
       if (budget.skip(mode.name, r)) continue;
       const runStart = Date.now();
-      const res = mode.kind === 'usp' ? await runUsp(UltimateStreamer, Database, mode) : await runBsq(Database);
+      const res =
+        mode.kind === 'usp'
+          ? await runUsp(UltimateStreamer, Database, mode)
+          : mode.kind === 'bsq'
+            ? await runBsq(Database)
+            : await runBsqBatched(UltimateStreamer, Database);
       budget.record(mode.name, runStart);
       const pushesPerSec = (res.timed.done / res.timed.ms) * 1000;
       const out = {
@@ -237,13 +312,17 @@ async function main() {
   );
   const ratio = medians.usp.pushesPerSec / base;
   const ratioListener = medians['usp+listener'].pushesPerSec / base;
+  const ofFloor = medians.usp.pushesPerSec / medians['bsq-batched'].pushesPerSec;
   console.log(`\nratio ultimate-streaming / better-sqlite3: ${fmt(ratio)}x (with a 'change' listener: ${fmt(ratioListener)}x)`);
+  console.log(`push() / the batched floor: ${fmt(ofFloor)}x`);
 
   const summary = [
     { metric: `push() pushes/s, ${PUSHERS} pushers, ${KEYS} keys, no listener`, value: medians.usp.pushesPerSec, unit: 'pushes/s' },
     { metric: `push() pushes/s, ${PUSHERS} pushers, ${KEYS} keys, with a 'change' listener`, value: medians['usp+listener'].pushesPerSec, unit: 'pushes/s' },
     { metric: `better-sqlite3 autocommit upserts/s, ${PUSHERS} pushers, ${KEYS} keys`, value: base, unit: 'upserts/s' },
+    { metric: `better-sqlite3 batched upserts/s with the engine's schema (floor), ${PUSHERS} pushers, ${KEYS} keys`, value: medians['bsq-batched'].pushesPerSec, unit: 'upserts/s' },
     { metric: 'ratio push() / better-sqlite3 (no listener)', value: ratio, unit: 'x' },
+    { metric: 'ratio push() / batched floor (no listener)', value: ofFloor, unit: 'x' },
     { metric: "ratio push() / better-sqlite3 (with 'change' listener)", value: ratioListener, unit: 'x' },
   ];
 
@@ -259,7 +338,7 @@ async function main() {
     problems,
     skippedForTime: skipped,
     median: medians,
-    ratios: { uspOverBetterSqlite3: ratio, uspListenerOverBetterSqlite3: ratioListener },
+    ratios: { uspOverBetterSqlite3: ratio, uspListenerOverBetterSqlite3: ratioListener, uspOverBatchedFloor: ofFloor },
     rounds,
     summary,
   });
