@@ -128,11 +128,27 @@ async function runUsp(UltimateStreamer, Database, mode) {
   };
 }
 
-async function runBsq(Database) {
-  const dbPath = tempDbPath('push-bsq');
+/** Runs the warm-up and the timed pushes with `op`, closes `db`, then checks the file. */
+async function driveAndCheck(Database, db, dbPath, table, op) {
   let warm;
   let timed;
+  try {
+    warm = await drive(op, 0, WARMUP, PUSHERS, MAX_MS);
+    timed = await drive(op, WARMUP, TOTAL, PUSHERS, MAX_MS);
+  } finally {
+    db.close();
+  }
+  try {
+    return { warm, timed, check: checkVersions(Database, dbPath, table) };
+  } finally {
+    removeDb(dbPath);
+  }
+}
+
+async function runBsq(Database) {
+  const dbPath = tempDbPath('push-bsq');
   const db = new Database(dbPath);
+  let op;
   try {
     db.pragma('journal_mode = WAL');
     db.pragma('synchronous = NORMAL');
@@ -147,23 +163,17 @@ async function runBsq(Database) {
         ' RETURNING version',
     );
     // An async pusher around a synchronous call: run it, then yield like an awaited call would.
-    const op = async (i, p) => {
+    op = async (i, p) => {
       const key = `key:${KEY_SEQ[i]}`;
       const row = upsert.get(key, JSON.stringify(valueFor(i, p)), Date.now() * 1000);
       return { key, version: row.version };
     };
-    warm = await drive(op, 0, WARMUP, PUSHERS, MAX_MS);
-    timed = await drive(op, WARMUP, TOTAL, PUSHERS, MAX_MS);
-  } finally {
+  } catch (e) {
     db.close();
-  }
-  let check;
-  try {
-    check = checkVersions(Database, dbPath, 'kv');
-  } finally {
     removeDb(dbPath);
+    throw e;
   }
-  return { warm, timed, check, events: null, engine: null };
+  return { ...(await driveAndCheck(Database, db, dbPath, 'kv', op)), events: null, engine: null };
 }
 
 async function runBsqBatched(UltimateStreamer, Database) {
@@ -173,11 +183,10 @@ async function runBsqBatched(UltimateStreamer, Database) {
   const s = new UltimateStreamer({ connection: { path: dbPath } });
   await s.init();
   await s.close();
-  let warm;
-  let timed;
   let transactions = 0;
   let writes = 0;
   const db = new Database(dbPath);
+  let op;
   try {
     db.pragma('journal_mode = WAL');
     db.pragma('synchronous = NORMAL');
@@ -209,23 +218,18 @@ async function runBsqBatched(UltimateStreamer, Database) {
       writes += batch.length;
       batch.forEach((w, j) => w.resolve({ key: w.key, version: versions[j] }));
     };
-    const op = (i, p) =>
+    op = (i, p) =>
       new Promise((resolve, reject) => {
         if (pending.length === 0) setImmediate(flush);
         pending.push({ key: `key:${KEY_SEQ[i]}`, json: JSON.stringify(valueFor(i, p)), resolve, reject });
       });
-    warm = await drive(op, 0, WARMUP, PUSHERS, MAX_MS);
-    timed = await drive(op, WARMUP, TOTAL, PUSHERS, MAX_MS);
-  } finally {
+  } catch (e) {
     db.close();
-  }
-  let check;
-  try {
-    check = checkVersions(Database, dbPath, 'usp_kv');
-  } finally {
     removeDb(dbPath);
+    throw e;
   }
-  return { warm, timed, check, events: null, engine: { store: { transactions, writes } } };
+  const res = await driveAndCheck(Database, db, dbPath, 'usp_kv', op);
+  return { ...res, events: null, engine: { store: { transactions, writes } } };
 }
 
 async function main() {
