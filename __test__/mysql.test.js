@@ -4,6 +4,7 @@
 // a server crash, bad credentials, and SQL injection attempts.
 const UltimateStreamer = require('..');
 const { waitFor, rejectsWithCode, throwsWithCode, streamerPool, collectChanges, freshName, expectStoreContract } = require('./helpers');
+const mysql = require('mysql2/promise');
 const { startMariaDb, PASSWORD } = require('./mariadb');
 
 jest.setTimeout(120_000);
@@ -161,18 +162,37 @@ describe('write transactions', () => {
     const table = freshTable();
     const s = make({ table });
     await s.init();
-    await s.push('bad1', 0);
     // A trigger, created by a user without SUPER while the binlog is on, needs this.
     db.rootSql('SET GLOBAL log_bin_trust_function_creators = 1');
     await db.sql(
       `CREATE TRIGGER \`${table}_refuse\` BEFORE UPDATE ON \`${table}\` FOR EACH ROW BEGIN IF NEW.deleted = 1 AND OLD.k LIKE 'bad%' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'bad key'; END IF; END`,
     );
-    // One transaction: the upsert of good1 succeeds, the delete of bad1 fails.
-    const results = await Promise.allSettled([s.push('good1', 1), s.delete('bad1'), s.push('good2', 3)]);
+    await s.push('bad1', 0);
+    await s.push('blocker', 0);
+    // One transaction: the upsert of good1 succeeds, the delete of bad1 fails. To be sure the
+    // three calls share it, the store is kept busy meanwhile: its transaction for `blocker`
+    // waits for a row lock held by another connection, and the three calls queue behind it.
+    const holder = await mysql.createConnection({ host: '127.0.0.1', port: db.port, user: 'usp', password: PASSWORD, database: 'usp_test' });
+    let results;
+    try {
+      await holder.query('START TRANSACTION');
+      await holder.query(`SELECT k FROM \`${table}\` WHERE k = 'blocker' FOR UPDATE`);
+      const blocked = s.push('blocker', 1);
+      await waitFor(
+        () => Number(db.rootSql("SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'").trim()) > 0,
+        'the store to wait for the row lock',
+      );
+      const settled = Promise.allSettled([s.push('good1', 1), s.delete('bad1'), s.push('good2', 3)]);
+      await holder.query('COMMIT');
+      expect(await blocked).toEqual({ key: 'blocker', version: 2 });
+      results = await settled;
+    } finally {
+      await holder.end();
+    }
     expect(results.map((r) => r.status)).toEqual(['rejected', 'rejected', 'rejected']);
     expect(results[0].reason.code).toBe('USP_DB_ERROR');
     expect(String(results[1].reason.message)).toContain('bad key');
-    const rows = await db.sql(`SELECT k, deleted FROM \`${table}\` ORDER BY k`);
+    const rows = await db.sql(`SELECT k, deleted FROM \`${table}\` WHERE k <> 'blocker' ORDER BY k`);
     expect(rows.map((r) => [r.k, r.deleted])).toEqual([['bad1', 0]]);
     // Nothing of it was left open to be committed by the next transaction.
     expect(await s.push('good1', 'after')).toEqual({ key: 'good1', version: 1 });

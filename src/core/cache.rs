@@ -3,7 +3,7 @@
 
 use moka::ops::compute::Op;
 use moka::sync::Cache as Moka;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +32,9 @@ pub struct Cache {
     hits: AtomicU64,
     misses: AtomicU64,
     max_bytes: u64,
+    /// Set before the first entry goes in: until then `refresh` has nothing to look up (most
+    /// streams change keys nobody reads through `get`).
+    filled: AtomicBool,
 }
 
 fn weight(k: &Arc<str>, v: &CacheEntry) -> u32 {
@@ -50,6 +53,7 @@ impl Cache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             max_bytes,
+            filled: AtomicBool::new(false),
         }
     }
 
@@ -68,6 +72,9 @@ impl Cache {
     /// Returns true when stored.
     pub fn offer(&self, key: Arc<str>, entry: CacheEntry) -> bool {
         let new_version = entry.version;
+        // Before the entry is visible: a `refresh` that finds the flag unset would not have
+        // found the entry either.
+        self.filled.store(true, SeqCst);
         let r = self.inner.entry(key).and_compute_with(|cur| match cur {
             Some(e) if e.value().version >= new_version => Op::Nop,
             _ => Op::Put(entry),
@@ -88,7 +95,7 @@ impl Cache {
     /// that writes the cache, so the check and the insert cannot interleave with another write.
     pub fn refresh(&self, key: &Arc<str>, entry: CacheEntry) -> bool {
         // Most changed keys are not cached; `contains_key` does not record a read, `get` does.
-        if !self.inner.contains_key(key) {
+        if !self.filled.load(SeqCst) || !self.inner.contains_key(key) {
             return false;
         }
         match self.inner.get(key) {

@@ -164,6 +164,39 @@ impl Sql {
 /// One change-log row: seq, key, value (JSON), version, kind, commit time (µs).
 type LogRow = (i64, Arc<str>, Option<Arc<str>>, i64, ChangeKind, i64);
 
+/// The change of one change-log row.
+fn log_change(
+    seq: i64,
+    key: Arc<str>,
+    data: Option<Arc<str>>,
+    version: i64,
+    kind: ChangeKind,
+    commit_ts_us: i64,
+) -> Arc<Change> {
+    Arc::new(Change {
+        kind,
+        key,
+        data,
+        version: version as u64,
+        versioned: true,
+        seq: 0,
+        position: Position::ChangeLog(ChangeLogSeq(seq as u64)),
+        source: "sqlite",
+        commit_ts_us,
+        table: None,
+        before: None,
+        meta: None,
+    })
+}
+
+/// The change-log seq of a change read from the log.
+fn log_seq(c: &Change) -> u64 {
+    match c.position {
+        Position::ChangeLog(ChangeLogSeq(s)) => s,
+        _ => 0,
+    }
+}
+
 /// The kind of change of a change-log row's `op`.
 fn log_kind(op: &str) -> ChangeKind {
     match op {
@@ -646,7 +679,13 @@ impl Store {
                 && !self.blocked
                 && self.core.free_capacity() >= ours.len()
             {
-                self.feed(ours);
+                let changes = ours
+                    .into_iter()
+                    .map(|(seq, key, data, version, kind, ts)| {
+                        log_change(seq, key, data, version, kind, ts)
+                    })
+                    .collect();
+                self.feed(changes);
                 fed = true;
             } else {
                 self.dirty = true;
@@ -779,8 +818,8 @@ impl Store {
         self.feed(rows);
     }
 
-    /// Up to `limit` change-log rows after `after`, in order.
-    fn read_log(&mut self, after: u64, limit: usize) -> Result<Vec<LogRow>> {
+    /// Up to `limit` change-log rows after `after`, in order, as changes.
+    fn read_log(&mut self, after: u64, limit: usize) -> Result<Vec<Arc<Change>>> {
         let mut stmt = self.conn.prepare_cached(&self.sql.tail)?;
         let rows = stmt
             .query_map(params![after as i64, limit as i64], |r| {
@@ -791,18 +830,21 @@ impl Store {
                     (ChangeKind::Delete, _) | (_, None) => None,
                     (_, Some(v)) => Some(json_or_string(v, &key)),
                 };
-                Ok((r.get(0)?, key, data, r.get(3)?, kind, r.get(5)?))
+                Ok(log_change(r.get(0)?, key, data, r.get(3)?, kind, r.get(5)?))
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
-    /// Hands change-log rows read after `last_seq` to the core (a resync first when the log
-    /// was pruned past our position).
-    fn feed(&mut self, rows: Vec<LogRow>) {
-        let Some(first) = rows.first() else { return };
-        if first.0 as u64 > self.last_seq + 1 {
-            let (from, to) = (self.last_seq + 1, first.0 as u64 - 1);
+    /// Hands changes read from the log after `last_seq` to the core (a resync first when the
+    /// log was pruned past our position).
+    fn feed(&mut self, changes: Vec<Arc<Change>>) {
+        let (Some(first), Some(last)) = (changes.first(), changes.last()) else {
+            return;
+        };
+        let (first, last) = (log_seq(first), log_seq(last));
+        if first > self.last_seq + 1 {
+            let (from, to) = (self.last_seq + 1, first - 1);
             tracing::warn!(
                 from,
                 to,
@@ -821,31 +863,12 @@ impl Store {
                 Instant::now(),
             );
         }
-        let changes: Vec<Change> = rows
-            .into_iter()
-            .map(|(seq, key, data, version, kind, ts)| {
-                self.last_seq = seq as u64;
-                Change {
-                    kind,
-                    key,
-                    data,
-                    version: version as u64,
-                    versioned: true,
-                    seq: 0,
-                    position: Position::ChangeLog(ChangeLogSeq(seq as u64)),
-                    source: "sqlite",
-                    commit_ts_us: ts,
-                    table: None,
-                    before: None,
-                    meta: None,
-                }
-            })
-            .collect();
+        self.last_seq = last;
         self.core
             .metrics
             .source_position
             .store(self.last_seq as i64, Relaxed);
-        let events = self.core.ingest(changes);
+        let events = self.core.ingest_shared(changes);
         self.batcher.push(events, Instant::now());
     }
 
