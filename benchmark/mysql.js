@@ -36,6 +36,10 @@
 //             zongji started at the saved filename/position. events/s = rows / (last row seen -
 //             listener start (before new + init(), or before start())); the rate from the first to
 //             the last row and the CPU per 1,000 rows are shown too.
+//    catch-up, multi-row transactions: the same with BULK_ROWS rows written by multi-row upserts
+//             of BULK_PER_TX rows each (one transaction each), as a batch job or an import writes:
+//             a single-row transaction costs four binlog events (GTID, table map, rows, XID),
+//             a 1,000-row one about one per row, so this shows the decoding of rows themselves.
 // 3. Push throughput: PUSHERS async loops share a counter of PUSHES operations over PUSH_KEYS
 //    keys (round robin), each awaiting its operation before taking the next: `await s.push(k, v)`
 //    (no listener) vs `await pool.execute(upsert)` on a mysql2 pool of POOL connections.
@@ -48,6 +52,7 @@
 //
 //   node benchmark/mysql.js [--rounds=3] [--latency-writes=2000] [--poll100-writes=60]
 //     [--poll2000-writes=6] [--live-rows=20000] [--writers=8] [--catchup-rows=20000]
+//     [--bulk-rows=100000] [--bulk-per-tx=1000]
 //     [--pushes=20000] [--pushers=64] [--push-keys=200] [--pool=8] [--timeout=60] [--budget=170]
 
 const fs = require('node:fs');
@@ -94,6 +99,13 @@ const POLL2000_WRITES = Math.floor(numberArg('poll2000-writes', 6));
 const LIVE_ROWS = Math.floor(numberArg('live-rows', 20_000));
 const WRITERS = Math.floor(numberArg('writers', 8));
 const CATCHUP_ROWS = Math.floor(numberArg('catchup-rows', 20_000));
+// 2c: the same catch-up over rows written in multi-row transactions (a batch job, an import).
+const BULK_ROWS = Math.floor(numberArg('bulk-rows', 100_000));
+const BULK_PER_TX = Math.floor(numberArg('bulk-per-tx', 1000));
+const CATCHUP_VARIANTS = [
+  { name: 'catchup', rows: CATCHUP_ROWS, perTx: 1 },
+  { name: 'catchupBulk', rows: BULK_ROWS, perTx: BULK_PER_TX },
+];
 const PUSHES = Math.floor(numberArg('pushes', 20_000));
 const PUSHERS = Math.floor(numberArg('pushers', 64));
 const PUSH_KEYS = Math.floor(numberArg('push-keys', 200));
@@ -259,11 +271,11 @@ async function versionSum(table, prefix) {
  * `conc` statements in flight, one row per statement. Resolves { startAt, endAt, done, errors,
  * firstError } (wall clock ms; the pool is connected and the statement prepared before startAt).
  */
-function writeInChild(table, prefix, n, conc) {
+function writeInChild(table, prefix, n, conc, perStatement = 1) {
   const script = `
     const mysql = require(${JSON.stringify(require.resolve('mysql2/promise'))});
-    const [host, port, user, password, database, sql, prefix, n, conc, maxMs, pad] = process.argv.slice(1);
-    const N = Number(n), C = Number(conc);
+    const [host, port, user, password, database, sql, prefix, n, conc, maxMs, pad, per, head, tail] = process.argv.slice(1);
+    const N = Number(n), C = Number(conc), P = Number(per);
     const wall = () => performance.timeOrigin + performance.now();
     (async () => {
       const pool = mysql.createPool({ host, port: Number(port), user, password, database, connectionLimit: C });
@@ -275,6 +287,16 @@ function writeInChild(table, prefix, n, conc) {
       const startAt = wall();
       const loop = async () => {
         while (next < N && performance.now() < deadline) {
+          if (P > 1) {
+            // One multi-row statement (one transaction) of up to P rows.
+            const from = next, to = Math.min(N, from + P);
+            next = to;
+            const params = [];
+            for (let i = from; i < to; i++) params.push(prefix + i, '{"i":' + i + ',"p":"' + pad + '"}');
+            try { await pool.query(head + Array(to - from).fill('(?, ?, 1)').join(', ') + tail, params); done += to - from; }
+            catch (e) { errors++; if (!firstError) firstError = e.message; if (errors > 100) return; }
+            continue;
+          }
           const i = next++;
           try { await pool.execute(sql, [prefix + i, '{"i":' + i + ',"p":"' + pad + '"}']); done++; }
           catch (e) { errors++; if (!firstError) firstError = e.message; if (errors > 100) return; }
@@ -285,7 +307,8 @@ function writeInChild(table, prefix, n, conc) {
       await pool.end();
       process.stdout.write(JSON.stringify({ startAt, endAt, done, errors, firstError }));
     })().catch((e) => { console.error(e); process.exit(1); });`;
-  const args = [HOST, String(SERVER.port), USER, PASSWORD, DATABASE, upsertSql(table), prefix, String(n), String(conc), String(TIMEOUT_MS), VALUE_PAD];
+  const [head, tail] = upsertSql(table).split('(?, ?, 1)');
+  const args = [HOST, String(SERVER.port), USER, PASSWORD, DATABASE, upsertSql(table), prefix, String(n), String(conc), String(TIMEOUT_MS), VALUE_PAD, String(perStatement), head, tail];
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, ['-e', script, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
@@ -427,9 +450,9 @@ async function liveRun(U, mode) {
 // ---------------------------------------------------------------------------------------------
 // 2b. Catch-up: rows written while no listener ran, read by both from the same binlog
 
-async function catchupRound(U, round) {
+async function catchupRound(U, round, { rows = CATCHUP_ROWS, perTx = 1, name = 'catchup' } = {}) {
   const table = freshTable();
-  const checkpointName = `catchup_${round}`;
+  const checkpointName = `${name}_${round}`;
   // A first streamer makes the table, sees one row and saves its checkpoint at close().
   let firstSeen = false;
   const a = await openUsp(U, table, { mysql: { checkpointName } }, (k) => {
@@ -442,11 +465,11 @@ async function catchupRound(U, round) {
     await a.close();
   }
   const from = await masterStatus();
-  const w = await writeInChild(table, 'cu:', CATCHUP_ROWS, WRITERS);
+  const w = await writeInChild(table, 'cu:', rows, WRITERS, perTx);
 
   const results = [];
   for (const mode of roundOrder(PAIR_MODES, round)) {
-    const tr = keyTracker('cu:', CATCHUP_ROWS);
+    const tr = keyTracker('cu:', rows);
     let strays = 0;
     let listener = null;
     let completed = false;
@@ -473,7 +496,7 @@ async function catchupRound(U, round) {
     } finally {
       if (listener) await listener.close();
     }
-    const ok = completed && w.done === CATCHUP_ROWS;
+    const ok = completed && w.done === rows;
     const lastMs = ok ? tr.tLastWall - t0 : NaN;
     results.push({
       mode: mode.name,
@@ -481,7 +504,8 @@ async function catchupRound(U, round) {
       checkpointName: mode.kind === 'usp' ? checkpointName : null,
       from: mode.kind === 'zongji' ? from : null,
       listenerMode: listener ? listener.mode : null,
-      rows: CATCHUP_ROWS,
+      rows,
+      rowsPerTransaction: perTx,
       written: w.done,
       writeErrors: w.errors,
       firstWriteError: w.firstError,
@@ -494,10 +518,10 @@ async function catchupRound(U, round) {
       listenerInitMs: listener ? listener.initMs : NaN,
       firstRowMs: tr.tFirstWall - t0,
       lastRowMs: lastMs,
-      eventsPerSec: (CATCHUP_ROWS / lastMs) * 1000,
-      firstToLastEventsPerSec: ok ? ((CATCHUP_ROWS - 1) / (tr.tLastWall - tr.tFirstWall)) * 1000 : NaN,
+      eventsPerSec: (rows / lastMs) * 1000,
+      firstToLastEventsPerSec: ok ? ((rows - 1) / (tr.tLastWall - tr.tFirstWall)) * 1000 : NaN,
       listenerCpu: cpu,
-      cpuMsPer1kRows: cpu ? cpu.totalMs / (CATCHUP_ROWS / 1000) : NaN,
+      cpuMsPer1kRows: cpu ? cpu.totalMs / (rows / 1000) : NaN,
       writerRowsPerSec: (w.done / (w.endAt - w.startAt)) * 1000,
       engineEvents: status ? status.events : null,
     });
@@ -592,7 +616,7 @@ async function main() {
   const machine = machineFacts(); // taken before the load of this script
   console.log(
     `mysql: ${ROUNDS} rounds; latency ${LATENCY_WRITES} writes (polling 100 ms: ${POLL100_WRITES}, 2,000 ms: ${POLL2000_WRITES}); ` +
-      `live ${LIVE_ROWS} rows by ${WRITERS} writers; catch-up ${CATCHUP_ROWS} rows; ${PUSHES} pushes by ${PUSHERS} pushers over ${PUSH_KEYS} keys`,
+      `live ${LIVE_ROWS} rows by ${WRITERS} writers; catch-up ${CATCHUP_ROWS} rows (and ${BULK_ROWS}, ${BULK_PER_TX} per transaction); ${PUSHES} pushes by ${PUSHERS} pushers over ${PUSH_KEYS} keys`,
   );
 
   const t0server = Date.now();
@@ -601,7 +625,7 @@ async function main() {
   SERVER = await startPrivateServer({ name: 'mariadb', label: 'MariaDB', script: SCRIPT, extra: ['binlog'] });
   console.log(`private MariaDB on ${HOST}:${SERVER.port} (${((Date.now() - t0server) / 1000).toFixed(1)} s to start), data in ${SERVER.dir}`);
   let serverInfo = null;
-  const rounds = { latency: [], live: [], catchup: [], push: [] };
+  const rounds = { latency: [], live: [], catchup: [], catchupBulk: [], push: [] };
   const problems = [];
   const skipped = [];
   try {
@@ -650,22 +674,23 @@ async function main() {
         if (!res.completed) broken.add(`live/${mode.name}`);
       }
 
-      // 2b. catch-up
-      const cu = await timed('catchup', r, () => catchupRound(U, r));
-      if (cu) {
+      // 2b. catch-up (single-row transactions), 2c. the same over multi-row transactions
+      for (const v of CATCHUP_VARIANTS) {
+        const cu = await timed(v.name, r, () => catchupRound(U, r, v));
+        if (!cu) continue;
         for (const res of cu) {
           res.round = r;
-          rounds.catchup.push(res);
+          rounds[v.name].push(res);
           console.log(
-            `  round ${r} catchup/${res.mode.padEnd(14)} ${res.completed ? `${fmt(res.eventsPerSec, 0)} events/s` : 'INCOMPLETE'}` +
-              `  (${res.rows} rows; first row ${fmt(res.firstRowMs)} ms, last ${fmt(res.lastRowMs)} ms after start; listener start ${fmt(res.listenerInitMs)} ms;` +
+            `  round ${r} ${v.name}/${res.mode.padEnd(14)} ${res.completed ? `${fmt(res.eventsPerSec, 0)} events/s` : 'INCOMPLETE'}` +
+              `  (${res.rows} rows, ${res.rowsPerTransaction} per transaction; first row ${fmt(res.firstRowMs)} ms, last ${fmt(res.lastRowMs)} ms after start; listener start ${fmt(res.listenerInitMs)} ms;` +
               ` ${fmt(res.firstToLastEventsPerSec, 0)} events/s from first to last row; CPU ${fmt(res.cpuMsPer1kRows)} ms per 1,000 rows)`,
           );
-          const tag = `round ${r} catchup/${res.mode}`;
+          const tag = `round ${r} ${v.name}/${res.mode}`;
           problems.push(...deliveryProblems(tag, { ...res, distinct: res.received }, res.rows));
           if (res.writeErrors) problems.push(`${tag}: ${res.writeErrors} writes failed (${res.firstWriteError})`);
           if (res.listenerErrors.length) problems.push(`${tag}: listener errors: ${res.listenerErrors.join('; ')}`);
-          if (!res.completed) broken.add('catchup');
+          if (!res.completed) broken.add(v.name);
         }
       }
 
@@ -703,6 +728,7 @@ async function main() {
   }
   const live = {};
   const catchup = {};
+  const catchupBulk = {};
   for (const m of PAIR_MODES) {
     const rl = rounds.live.filter((x) => x.mode === m.name);
     const allL = rl.length > 0 && rl.every((x) => x.completed);
@@ -715,18 +741,20 @@ async function main() {
       cpuMsPer1kRows: med(rl, (x) => x.cpuMsPer1kRows),
       cpuCores: med(rl, (x) => (x.listenerCpu ? x.listenerCpu.cores : NaN)),
     };
-    const rc = rounds.catchup.filter((x) => x.mode === m.name);
-    const allC = rc.length > 0 && rc.every((x) => x.completed);
-    catchup[m.name] = {
-      rounds: rc.length,
-      completedRounds: rc.filter((x) => x.completed).length,
-      eventsPerSec: allC ? med(rc, (x) => x.eventsPerSec) : NaN,
-      firstRowMs: med(rc, (x) => x.firstRowMs),
-      lastRowMs: allC ? med(rc, (x) => x.lastRowMs) : NaN,
-      listenerInitMs: med(rc, (x) => x.listenerInitMs),
-      firstToLastEventsPerSec: allC ? med(rc, (x) => x.firstToLastEventsPerSec) : NaN,
-      cpuMsPer1kRows: med(rc, (x) => x.cpuMsPer1kRows),
-    };
+    for (const v of CATCHUP_VARIANTS) {
+      const rc = rounds[v.name].filter((x) => x.mode === m.name);
+      const allC = rc.length > 0 && rc.every((x) => x.completed);
+      (v.name === 'catchup' ? catchup : catchupBulk)[m.name] = {
+        rounds: rc.length,
+        completedRounds: rc.filter((x) => x.completed).length,
+        eventsPerSec: allC ? med(rc, (x) => x.eventsPerSec) : NaN,
+        firstRowMs: med(rc, (x) => x.firstRowMs),
+        lastRowMs: allC ? med(rc, (x) => x.lastRowMs) : NaN,
+        listenerInitMs: med(rc, (x) => x.listenerInitMs),
+        firstToLastEventsPerSec: allC ? med(rc, (x) => x.firstToLastEventsPerSec) : NaN,
+        cpuMsPer1kRows: med(rc, (x) => x.cpuMsPer1kRows),
+      };
+    }
   }
   const push = {};
   for (const m of PUSH_MODES) {
@@ -739,6 +767,7 @@ async function main() {
     latencyP99ZongjiOverUsp: latency.zongji.p99 / latency.usp.p99,
     liveUspOverZongji: live.usp.eventsPerSec / live.zongji.eventsPerSec,
     catchupUspOverZongji: catchup.usp.eventsPerSec / catchup.zongji.eventsPerSec,
+    catchupBulkUspOverZongji: catchupBulk.usp.eventsPerSec / catchupBulk.zongji.eventsPerSec,
     pushUspOverMysql2: push.usp.pushesPerSec / push.mysql2.pushesPerSec,
   };
 
@@ -776,23 +805,26 @@ async function main() {
     "(events/s cannot exceed the writers' rate: when the last row arrives ~0 ms after the writers finished, capture kept up and the" +
       ' writers were the limit; CPU = user+system time of this process, all threads, per 1,000 rows, from the writers\' start to the last row)',
   );
-  printTable(
-    `2b. catch-up events/s, ${CATCHUP_ROWS} rows in the binlog written while no listener ran (median of rounds)`,
-    ['listener', 'rounds', 'events/s', 'start -> first row ms', 'start -> last row ms', 'first -> last events/s', 'CPU ms / 1k rows', 'vs zongji'],
-    PAIR_MODES.map((m) => {
-      const x = catchup[m.name];
-      return [
-        m.label,
-        `${x.completedRounds}/${x.rounds}`,
-        fmt(x.eventsPerSec, 0),
-        x.firstRowMs,
-        x.lastRowMs,
-        fmt(x.firstToLastEventsPerSec, 0),
-        x.cpuMsPer1kRows,
-        ratioCell(x.eventsPerSec / catchup.zongji.eventsPerSec),
-      ];
-    }),
-  );
+  const catchupTable = (title, x0) =>
+    printTable(
+      title,
+      ['listener', 'rounds', 'events/s', 'start -> first row ms', 'start -> last row ms', 'first -> last events/s', 'CPU ms / 1k rows', 'vs zongji'],
+      PAIR_MODES.map((m) => {
+        const x = x0[m.name];
+        return [
+          m.label,
+          `${x.completedRounds}/${x.rounds}`,
+          fmt(x.eventsPerSec, 0),
+          x.firstRowMs,
+          x.lastRowMs,
+          fmt(x.firstToLastEventsPerSec, 0),
+          x.cpuMsPer1kRows,
+          ratioCell(x.eventsPerSec / x0.zongji.eventsPerSec),
+        ];
+      }),
+    );
+  catchupTable(`2b. catch-up events/s, ${CATCHUP_ROWS} rows in the binlog written while no listener ran, one row per transaction (median of rounds)`, catchup);
+  catchupTable(`2c. the same, ${BULK_ROWS} rows written ${BULK_PER_TX} per transaction (multi-row upserts) (median of rounds)`, catchupBulk);
   printTable(
     `3. push throughput, ${PUSHES} upserts over ${PUSH_KEYS} keys by ${PUSHERS} concurrent async loops (median of rounds)`,
     ['mode', 'rounds', 'upserts/s', 'ms', 'vs mysql2'],
@@ -820,6 +852,10 @@ async function main() {
     summary.push({ metric: `MySQL catch-up listener start → first row, ${m.label}`, value: catchup[m.name].firstRowMs, unit: 'ms' });
   }
   summary.push({ metric: 'MySQL catch-up events/s ratio ultimate-streaming / zongji', value: ratios.catchupUspOverZongji, unit: 'x' });
+  for (const m of PAIR_MODES) {
+    summary.push({ metric: `MySQL catch-up events/s, ${m.label} (${BULK_ROWS} rows, ${BULK_PER_TX} per transaction)`, value: catchupBulk[m.name].eventsPerSec, unit: 'events/s' });
+  }
+  summary.push({ metric: 'MySQL catch-up (multi-row transactions) events/s ratio ultimate-streaming / zongji', value: ratios.catchupBulkUspOverZongji, unit: 'x' });
   for (const m of PUSH_MODES) {
     summary.push({ metric: `MySQL upserts/s, ${m.label} (${PUSHES} over ${PUSH_KEYS} keys)`, value: push[m.name].pushesPerSec, unit: 'ops/s' });
   }
@@ -840,6 +876,8 @@ async function main() {
       liveRows: LIVE_ROWS,
       writers: WRITERS,
       catchupRows: CATCHUP_ROWS,
+      bulkRows: BULK_ROWS,
+      bulkRowsPerTransaction: BULK_PER_TX,
       pushes: PUSHES,
       pushWarmup: PUSH_WARMUP,
       pushers: PUSHERS,
@@ -852,7 +890,7 @@ async function main() {
     ok: problems.length === 0,
     problems,
     skippedForTime: skipped,
-    median: { latency, live, catchup, push },
+    median: { latency, live, catchup, catchupBulk, push },
     ratios,
     rounds,
     summary,
