@@ -161,9 +161,6 @@ impl Sql {
     }
 }
 
-/// One change-log row: seq, key, value (JSON), version, kind, commit time (µs).
-type LogRow = (i64, Arc<str>, Option<Arc<str>>, i64, ChangeKind, i64);
-
 /// The change of one change-log row.
 fn log_change(
     seq: i64,
@@ -609,7 +606,7 @@ impl Store {
                 Op::Wake => {}
             }
         }
-        let mut ours: Vec<LogRow> = Vec::new();
+        let mut ours: Vec<Arc<Change>> = Vec::new();
         // Whether `ours` are all the rows the transaction logged.
         let mut only_ours = true;
         if has_writes {
@@ -647,21 +644,20 @@ impl Store {
                     .fetch_add(written.len() as u64, Relaxed);
             }
         }
-        for ((i, _, _), row) in written.iter().zip(&ours) {
+        for ((i, _, _), change) in written.iter().zip(&ours) {
             if let Completion::Pushed { version, .. } = &mut done[*i] {
-                *version = row.3 as u64;
+                *version = change.version;
             }
         }
         // Read-your-writes: cached keys learn our own commits before their change is tailed.
         if let Some(cache) = &self.core.cache {
-            for row in &ours {
-                let version = row.3 as u64;
-                if cache.peek_version(&row.1).is_some_and(|v| v < version) {
+            for c in &ours {
+                if cache.peek_version(&c.key).is_some_and(|v| v < c.version) {
                     cache.refresh(
-                        &row.1,
+                        &c.key,
                         CacheEntry {
-                            version,
-                            value: row.2.clone(),
+                            version: c.version,
+                            value: c.data.clone(),
                         },
                     );
                 }
@@ -679,13 +675,7 @@ impl Store {
                 && !self.blocked
                 && self.core.free_capacity() >= ours.len()
             {
-                let changes = ours
-                    .into_iter()
-                    .map(|(seq, key, data, version, kind, ts)| {
-                        log_change(seq, key, data, version, kind, ts)
-                    })
-                    .collect();
-                self.feed(changes);
+                self.feed(ours);
                 fed = true;
             } else {
                 self.dirty = true;
@@ -718,11 +708,11 @@ impl Store {
     /// key, kind and value: a user's trigger may write more rows (which the tail then reads),
     /// but a write without its row fails the transaction. The values are ours already, so they
     /// are compared, not copied.
-    fn own_rows(&mut self, base: u64, written: &[Written]) -> Result<(Vec<LogRow>, bool)> {
+    fn own_rows(&mut self, base: u64, written: &[Written]) -> Result<(Vec<Arc<Change>>, bool)> {
         if written.is_empty() {
             return Ok((Vec::new(), true));
         }
-        let mut out: Vec<LogRow> = Vec::with_capacity(written.len());
+        let mut out: Vec<Arc<Change>> = Vec::with_capacity(written.len());
         let mut extra = 0usize;
         let mut stmt = self.conn.prepare_cached(&self.sql.own)?;
         // Every row after `base` is this transaction's: we hold the write lock.
@@ -742,7 +732,7 @@ impl Store {
                 extra += 1;
                 continue;
             }
-            out.push((
+            out.push(log_change(
                 r.get(0)?,
                 key.clone(),
                 value.clone(),

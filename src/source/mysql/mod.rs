@@ -153,13 +153,6 @@ impl Sql {
     /// `inline` (whether the session has NO_BACKSLASH_ESCAPES) the values are escaped literals
     /// in the text; without it, placeholders with their parameters.
     fn writes(&self, writes: &[Op], inline: Option<bool>) -> Vec<(String, Vec<SqlValue>)> {
-        let arg = |text: &mut String, params: &mut Vec<SqlValue>, v: &str| match inline {
-            Some(nbs) => text.push_str(&SqlValue::from(v).as_sql(nbs)),
-            None => {
-                text.push('?');
-                params.push(SqlValue::from(v));
-            }
-        };
         let mut out = Vec::new();
         let mut i = 0;
         while i < writes.len() {
@@ -176,9 +169,9 @@ impl Sql {
                         }
                         bytes += json.len() + key.len();
                         text.push_str(if n == 0 { "(" } else { ",(" });
-                        arg(&mut text, &mut params, key);
+                        push_arg(&mut text, &mut params, key, inline);
                         text.push(',');
-                        arg(&mut text, &mut params, json);
+                        push_arg(&mut text, &mut params, json, inline);
                         text.push_str(",1,0)");
                         n += 1;
                         i += 1;
@@ -192,7 +185,7 @@ impl Sql {
                         if n > 0 {
                             text.push(',');
                         }
-                        arg(&mut text, &mut params, key);
+                        push_arg(&mut text, &mut params, key, inline);
                         n += 1;
                         i += 1;
                     }
@@ -206,6 +199,21 @@ impl Sql {
             out.push((text, params));
         }
         out
+    }
+
+    /// The lock read of a write transaction: the current version of each key, `FOR UPDATE`.
+    /// `inline` as for [`Sql::writes`].
+    fn lock(&self, keys: &[&str], inline: Option<bool>) -> (String, Vec<SqlValue>) {
+        let mut text = self.lock_prefix.clone();
+        let mut params = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            push_arg(&mut text, &mut params, k, inline);
+        }
+        text.push_str(") FOR UPDATE");
+        (text, params)
     }
 
     fn schema(&self, mariadb: bool) -> Vec<String> {
@@ -237,6 +245,18 @@ impl Sql {
                  ) ENGINE=InnoDB"
             ),
         ]
+    }
+}
+
+/// Appends `v` to a statement: an escaped literal when `inline` is set (its value: whether the
+/// session has NO_BACKSLASH_ESCAPES), else a placeholder with its parameter.
+fn push_arg(text: &mut String, params: &mut Vec<SqlValue>, v: &str, inline: Option<bool>) {
+    match inline {
+        Some(nbs) => text.push_str(&SqlValue::from(v).as_sql(nbs)),
+        None => {
+            text.push('?');
+            params.push(SqlValue::from(v));
+        }
     }
 }
 
@@ -1153,6 +1173,7 @@ impl Store {
         let mut done = Vec::with_capacity(writes.len());
         // What the cache learns at commit, for read-your-writes before
         // the binlog brings the same change.
+        let caching = self.core.cache.is_some();
         let mut learned: Vec<(&Arc<str>, CacheEntry)> = Vec::new();
         for op in writes {
             match op {
@@ -1164,26 +1185,30 @@ impl Store {
                         id: *id,
                         version: entry.0,
                     });
-                    learned.push((
-                        key,
-                        CacheEntry {
-                            version: entry.0,
-                            value: Some(json.as_str().into()),
-                        },
-                    ));
+                    if caching {
+                        learned.push((
+                            key,
+                            CacheEntry {
+                                version: entry.0,
+                                value: Some(json.as_str().into()),
+                            },
+                        ));
+                    }
                 }
                 Op::Delete { id, key } => {
                     let existed = match state.get_mut(&**key) {
                         Some(s) if !s.1 => {
                             s.0 += 1;
                             s.1 = true;
-                            learned.push((
-                                key,
-                                CacheEntry {
-                                    version: s.0,
-                                    value: None,
-                                },
-                            ));
+                            if caching {
+                                learned.push((
+                                    key,
+                                    CacheEntry {
+                                        version: s.0,
+                                        value: None,
+                                    },
+                                ));
+                            }
                             true
                         }
                         _ => false,
@@ -1212,14 +1237,7 @@ impl Store {
     ) -> Result<Vec<(String, u64, i8)>> {
         let nbs = self.no_backslash_escapes;
         let mut text = String::from("START TRANSACTION;");
-        text.push_str(&self.sql.lock_prefix);
-        for (i, k) in keys.iter().enumerate() {
-            if i > 0 {
-                text.push(',');
-            }
-            text.push_str(&SqlValue::from(*k).as_sql(nbs));
-        }
-        text.push_str(") FOR UPDATE");
+        text.push_str(&self.sql.lock(keys, Some(nbs)).0);
         for (stmt, _) in self.sql.writes(writes, Some(nbs)) {
             text.push(';');
             text.push_str(&stmt);
@@ -1240,7 +1258,9 @@ impl Store {
                 .into_iter()
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| {
-                    Error::Internal(format!("unexpected row in the key-value table: {e}"))
+                    Error::Internal(format!(
+                        "the writes were committed, but their versions are unknown: a row of the key-value table did not read as (key, version, deleted) ({e}); check the table's columns"
+                    ))
                 }),
             Err(err) => {
                 // A failed statement ends the query there, with its transaction still open.
@@ -1258,22 +1278,12 @@ impl Store {
         keys: &[&str],
         writes: &[Op],
     ) -> Result<Vec<(String, u64, i8)>> {
-        let lock = format!(
-            "{}{}) FOR UPDATE",
-            self.sql.lock_prefix,
-            placeholders(keys.len())
-        );
+        let (lock, params) = self.sql.lock(keys, None);
         let statements = self.sql.writes(writes, None);
         let conn = self.conn().await?;
         let e = |e| sql_error(e, "writing");
         let mut tx = conn.start_transaction(TxOpts::default()).await.map_err(e)?;
-        let rows: Vec<(String, u64, i8)> = tx
-            .exec(
-                lock,
-                keys.iter().map(|k| SqlValue::from(*k)).collect::<Vec<_>>(),
-            )
-            .await
-            .map_err(e)?;
+        let rows: Vec<(String, u64, i8)> = tx.exec(lock, params).await.map_err(e)?;
         for (stmt, params) in statements {
             tx.exec_drop(stmt, params).await.map_err(e)?;
         }
@@ -1349,5 +1359,20 @@ mod tests {
         ] {
             assert!(Resume::from_bus(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn lock_reads_escape_keys_inline_and_bind_them_otherwise() {
+        let sql = Sql::new("kv");
+        let keys = ["a'b", "c\\d"];
+        let (text, params) = sql.lock(&keys, Some(false));
+        assert!(params.is_empty());
+        assert!(text.ends_with("IN ('a\\'b','c\\\\d') FOR UPDATE"), "{text}");
+        // With NO_BACKSLASH_ESCAPES a backslash is an ordinary character; quotes are doubled.
+        let (text, _) = sql.lock(&keys, Some(true));
+        assert!(text.ends_with("IN ('a''b','c\\d') FOR UPDATE"), "{text}");
+        let (text, params) = sql.lock(&keys, None);
+        assert!(text.ends_with("IN (?,?) FOR UPDATE"), "{text}");
+        assert_eq!(params, vec![SqlValue::from("a'b"), SqlValue::from("c\\d")]);
     }
 }
