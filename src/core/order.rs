@@ -102,7 +102,13 @@ impl Versions {
     /// Adds a key that neither generation holds.
     fn add(&mut self, hash: u64, key: Arc<str>, version: u64) {
         if self.current.len() >= self.half {
-            self.old = std::mem::take(&mut self.current);
+            // The generation that ages out gives its table to the new one: emptied, with its
+            // capacity kept, so the new generation does not grow (and rehash, and fault in fresh
+            // pages) all over again. Only reached after `half` distinct keys, when a table of
+            // that size is in use anyway.
+            let mut recycled = std::mem::take(&mut self.old);
+            recycled.clear();
+            self.old = std::mem::replace(&mut self.current, recycled);
         }
         let entry = Remembered { key, version, hash };
         self.current.insert_unique(hash, entry, |e| e.hash);
@@ -381,6 +387,26 @@ mod tests {
         assert_eq!(s.last_version("a"), Some(2), "used again: remembered");
         assert_eq!(admit(&mut s, "a", 2), Admission::StaleVersion);
         assert!(s.versions.len() <= 4);
+    }
+
+    #[test]
+    fn a_new_generation_reuses_the_table_of_the_one_aging_out() {
+        let mut v = Versions::new(2_000);
+        let add = |v: &mut Versions, i: usize| {
+            let key: Arc<str> = format!("k{i}").into();
+            v.insert(v.hash(&key), key, 1);
+        };
+        // The first rotation (at key 1,000) has no old table to reuse; the second does.
+        for i in 0..2_001 {
+            add(&mut v, i);
+        }
+        assert_eq!(v.current.len(), 1);
+        assert_eq!(v.old.len(), 1_000);
+        assert!(v.current.capacity() >= 1_000, "{}", v.current.capacity());
+        // The recycled table holds nothing of its old generation.
+        assert_eq!(v.peek("k0"), None);
+        assert_eq!(v.peek("k1999"), Some(1));
+        assert_eq!(v.peek("k2000"), Some(1));
     }
 
     #[test]
