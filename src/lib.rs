@@ -19,8 +19,8 @@ pub mod store;
 mod binding;
 
 /// The engine allocates and frees several small objects per change (its key, value, the change
-/// itself, batch vectors) at rates of a million a second; glibc's allocator spent about a third
-/// of the capture thread's time on them in a profile. mimalloc keeps per-thread free lists.
+/// itself, batch vectors) at rates of a million a second; glibc's allocator was the largest
+/// single cost of the capture thread in a profile. mimalloc keeps per-thread free lists.
 /// It serves Rust allocations only: Node and SQLite keep their own allocators.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
