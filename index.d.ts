@@ -138,6 +138,8 @@ export interface StreamerOptions {
     changeLogRetention?: number;
     /** Watch the WAL file (Linux, inotify) so other processes' commits are seen at once (else, and on other systems, polled every tailInterval). Default true. */
     watch?: boolean;
+    /** Page size in bytes of a database file the streamer creates: a power of two from 512 to 65536. An existing file keeps the page size it was created with. Default 1024. */
+    pageSize?: number;
   };
 }
 

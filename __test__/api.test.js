@@ -64,6 +64,41 @@ describe('default configuration', () => {
     expect(flat.getStatus().cache.enabled).toBe(false);
   });
 
+  test('sqlite.pageSize sets the page size of a new file; an existing file keeps its own', async () => {
+    // The page size is bytes 16-17 of the file header, big-endian (1 stands for 65536).
+    const pageSizeOf = (file) => {
+      const fd = fs.openSync(file, 'r');
+      try {
+        const b = Buffer.alloc(2);
+        fs.readSync(fd, b, 0, 2, 16);
+        const n = b.readUInt16BE(0);
+        return n === 1 ? 65536 : n;
+      } finally {
+        fs.closeSync(fd);
+      }
+    };
+    const byDefault = tmpDb();
+    const d = make({ connection: { path: byDefault } });
+    await d.init();
+    await d.push('k', { a: 1 });
+    await d.close();
+    expect(pageSizeOf(byDefault)).toBe(1024);
+
+    const file = tmpDb();
+    const a = make({ connection: { path: file }, options: { sqlite: { pageSize: 8192 } } });
+    await a.init();
+    await a.push('k', { a: 1 });
+    await a.close();
+    expect(pageSizeOf(file)).toBe(8192);
+
+    const b = make({ connection: { path: file }, options: { sqlite: { pageSize: 512 }, enableCache: false } });
+    await b.init();
+    expect(await b.get('k')).toEqual({ a: 1 });
+    expect((await b.push('k', { a: 2 })).version).toBe(2);
+    await b.close();
+    expect(pageSizeOf(file)).toBe(8192);
+  });
+
   test('init(config) is accepted when the constructor had none', async () => {
     const s = make();
     await s.init({ connection: { path: ':memory:' } });

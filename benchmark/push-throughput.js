@@ -13,6 +13,8 @@
 //                                   `INSERT ... ON CONFLICT(k) DO UPDATE SET v=excluded.v,
 //                                   version=version+1 ... RETURNING version` synchronously in
 //                                   autocommit mode, then yields (`await`)
+//   better-sqlite3, 1 KiB pages     the same with `PRAGMA page_size = 1024` (the engine creates its
+//                                   files with 1 KiB pages, better-sqlite3 with SQLite's 4 KiB)
 //   better-sqlite3, batched         the floor of what push() does, by hand, in this thread: the
 //                                   engine's own schema (a streamer creates it, then is closed),
 //                                   so each upsert also fires the change-log triggers; the calls
@@ -60,6 +62,7 @@ const MODES = [
   { name: 'usp', label: 'ultimate-streaming push()', kind: 'usp', listener: false },
   { name: 'usp+listener', label: "ultimate-streaming push() + 'change' listener", kind: 'usp', listener: true },
   { name: 'better-sqlite3', label: 'better-sqlite3 upsert, autocommit', kind: 'bsq' },
+  { name: 'bsq-1k', label: 'better-sqlite3 upsert, autocommit, 1 KiB pages', kind: 'bsq', pageSize: 1024 },
   { name: 'bsq-batched', label: "better-sqlite3, engine's schema, shared transactions (floor)", kind: 'bsq-batched' },
 ];
 
@@ -145,11 +148,12 @@ async function driveAndCheck(Database, db, dbPath, table, op) {
   }
 }
 
-async function runBsq(Database) {
+async function runBsq(Database, mode) {
   const dbPath = tempDbPath('push-bsq');
   const db = new Database(dbPath);
   let op;
   try {
+    if (mode.pageSize) db.pragma(`page_size = ${mode.pageSize}`); // before the file has pages
     db.pragma('journal_mode = WAL');
     db.pragma('synchronous = NORMAL');
     db.pragma('busy_timeout = 5000');
@@ -255,7 +259,7 @@ async function main() {
         mode.kind === 'usp'
           ? await runUsp(UltimateStreamer, Database, mode)
           : mode.kind === 'bsq'
-            ? await runBsq(Database)
+            ? await runBsq(Database, mode)
             : await runBsqBatched(UltimateStreamer, Database);
       budget.record(mode.name, runStart);
       const pushesPerSec = (res.timed.done / res.timed.ms) * 1000;
@@ -318,14 +322,18 @@ async function main() {
   const ratioListener = medians['usp+listener'].pushesPerSec / base;
   const ofFloor = medians.usp.pushesPerSec / medians['bsq-batched'].pushesPerSec;
   console.log(`\nratio ultimate-streaming / better-sqlite3: ${fmt(ratio)}x (with a 'change' listener: ${fmt(ratioListener)}x)`);
+  const ratio1k = medians.usp.pushesPerSec / medians['bsq-1k'].pushesPerSec;
+  console.log(`ratio ultimate-streaming / better-sqlite3 with 1 KiB pages: ${fmt(ratio1k)}x`);
   console.log(`push() / the batched floor: ${fmt(ofFloor)}x`);
 
   const summary = [
     { metric: `push() pushes/s, ${PUSHERS} pushers, ${KEYS} keys, no listener`, value: medians.usp.pushesPerSec, unit: 'pushes/s' },
     { metric: `push() pushes/s, ${PUSHERS} pushers, ${KEYS} keys, with a 'change' listener`, value: medians['usp+listener'].pushesPerSec, unit: 'pushes/s' },
     { metric: `better-sqlite3 autocommit upserts/s, ${PUSHERS} pushers, ${KEYS} keys`, value: base, unit: 'upserts/s' },
+    { metric: `better-sqlite3 autocommit upserts/s with 1 KiB pages, ${PUSHERS} pushers, ${KEYS} keys`, value: medians['bsq-1k'].pushesPerSec, unit: 'upserts/s' },
     { metric: `better-sqlite3 batched upserts/s with the engine's schema (floor), ${PUSHERS} pushers, ${KEYS} keys`, value: medians['bsq-batched'].pushesPerSec, unit: 'upserts/s' },
     { metric: 'ratio push() / better-sqlite3 (no listener)', value: ratio, unit: 'x' },
+    { metric: 'ratio push() / better-sqlite3 with 1 KiB pages (no listener)', value: ratio1k, unit: 'x' },
     { metric: 'ratio push() / batched floor (no listener)', value: ofFloor, unit: 'x' },
     { metric: "ratio push() / better-sqlite3 (with 'change' listener)", value: ratioListener, unit: 'x' },
   ];
@@ -342,7 +350,7 @@ async function main() {
     problems,
     skippedForTime: skipped,
     median: medians,
-    ratios: { uspOverBetterSqlite3: ratio, uspListenerOverBetterSqlite3: ratioListener, uspOverBatchedFloor: ofFloor },
+    ratios: { uspOverBetterSqlite3: ratio, uspListenerOverBetterSqlite3: ratioListener, uspOverBetterSqlite3With1KiBPages: ratio1k, uspOverBatchedFloor: ofFloor },
     rounds,
     summary,
   });

@@ -93,6 +93,10 @@ pub fn open(cfg: &SqliteConfig) -> Result<Connection> {
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
         true,
     )?;
+    // Only takes effect while the file is still empty (before WAL mode writes its header): an
+    // existing database keeps its page size. Smaller pages mean fewer bytes per commit of small
+    // upserts to scattered keys, where each dirty page is written to the WAL whole.
+    conn.execute_batch(&format!("PRAGMA page_size={};", cfg.page_size))?;
     if cfg.path != ":memory:" {
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
