@@ -75,9 +75,10 @@ function insertInChild(dbPath) {
     for (let i = 0; i < N; i++) stmt.run(P + i, '{"i":' + i + ',"p":"abcdefgh"}', us);
     // Stamped when COMMIT is issued: no reader can see a row before the COMMIT has written its
     // last WAL pages, and that is part of what a listener waits for.
-    const commitAt = performance.timeOrigin + performance.now();
+    const issued = performance.now();
+    const commitAt = performance.timeOrigin + issued;
     db.exec('COMMIT');
-    const commitMs = performance.timeOrigin + performance.now() - commitAt;
+    const commitMs = performance.now() - issued;
     db.pragma('wal_checkpoint(PASSIVE)');
     db.close();
     process.stdout.write(JSON.stringify({ commitAt, commitMs, insertMs: performance.now() - t0 }));`;
