@@ -19,8 +19,10 @@ use crate::source::wal_watch::WalWatch;
 use crate::source::StoreContext;
 use crate::store::{Completion, CompletionSink, Op};
 
-/// Rows read from the change log per query at most.
-const TAIL_CHUNK: usize = 4096;
+/// Rows read from the change log per query at most. About one delivered batch: the changes
+/// read are ingested and encoded while they are still in the CPU cache (4,096 rows cost the
+/// store thread about 10% more CPU per row in `delivery.js`).
+const TAIL_CHUNK: usize = 1024;
 /// How often old change-log rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
 /// SQLite's current time in µs since the epoch (millisecond precision), for writes made by SQL.
