@@ -236,9 +236,33 @@ async function runBsqBatched(UltimateStreamer, Database) {
   return { ...res, events: null, engine: { store: { transactions, writes } } };
 }
 
+/** The page size of a file the engine creates with its defaults (read from the file itself). */
+async function enginePageSize(UltimateStreamer, Database) {
+  const dbPath = tempDbPath('push-pagesize');
+  try {
+    const s = new UltimateStreamer({ connection: { path: dbPath } });
+    await s.init();
+    await s.close();
+    const db = new Database(dbPath, { readonly: true });
+    try {
+      return db.pragma('page_size', { simple: true });
+    } finally {
+      db.close();
+    }
+  } finally {
+    removeDb(dbPath);
+  }
+}
+
 async function main() {
   const UltimateStreamer = await loadStreamer();
   const Database = loadBetterSqlite3();
+  // The bsq-1k mode stands for "better-sqlite3 on the engine's page size": it must follow it.
+  const pageSize = await enginePageSize(UltimateStreamer, Database);
+  const bsq1k = MODES.find((m) => m.name === 'bsq-1k');
+  if (pageSize !== bsq1k.pageSize) {
+    throw new Error(`the engine now creates files with ${pageSize}-byte pages, the bsq-1k mode uses ${bsq1k.pageSize}: update that mode (name, label, pageSize)`);
+  }
   const command = commandFor(__filename, process.argv.slice(2));
   const startedAt = new Date();
   const machine = machineFacts(); // taken before the load of this script
