@@ -88,21 +88,15 @@ impl Core {
     }
 
     /// Admits new changes (in source order), updates the cache and history, and returns the
-    /// events to deliver.
+    /// events to deliver. A change is numbered while the source's vector still holds it (read
+    /// in order, no atomic operation), then moved into the `Arc` it is shared by from there on.
     pub fn ingest(&self, changes: Vec<Change>) -> Vec<Event> {
-        self.ingest_shared(changes.into_iter().map(Arc::new).collect())
-    }
-
-    /// `ingest` for changes a source built in place (each `Arc` held once): a change is not
-    /// moved again on its way to the listeners.
-    pub fn ingest_shared(&self, changes: Vec<Arc<Change>>) -> Vec<Event> {
         let mut admitted = Vec::with_capacity(changes.len());
         {
             let mut seq = self.sequencer.lock().unwrap_or_else(|p| p.into_inner());
             for mut c in changes {
-                // Copies only a change someone else still holds (no source does).
-                match seq.admit(Arc::make_mut(&mut c)) {
-                    Admission::Accept(_) => admitted.push(c),
+                match seq.admit(&mut c) {
+                    Admission::Accept(_) => admitted.push(Arc::new(c)),
                     Admission::DuplicatePosition | Admission::StaleVersion => {
                         self.metrics.events_deduplicated.fetch_add(1, Relaxed);
                     }

@@ -175,8 +175,8 @@ fn log_change(
     version: i64,
     kind: ChangeKind,
     commit_ts_us: i64,
-) -> Arc<Change> {
-    Arc::new(Change {
+) -> Change {
+    Change {
         kind,
         key,
         data,
@@ -189,7 +189,7 @@ fn log_change(
         table: None,
         before: None,
         meta: None,
-    })
+    }
 }
 
 /// The change-log seq of a change read from the log.
@@ -612,7 +612,7 @@ impl Store {
                 Op::Wake => {}
             }
         }
-        let mut ours: Vec<Arc<Change>> = Vec::new();
+        let mut ours: Vec<Change> = Vec::new();
         // Whether `ours` are all the rows the transaction logged.
         let mut only_ours = true;
         if has_writes {
@@ -714,11 +714,11 @@ impl Store {
     /// key, kind and value: a user's trigger may write more rows (which the tail then reads),
     /// but a write without its row fails the transaction. The values are ours already, so they
     /// are compared, not copied.
-    fn own_rows(&mut self, base: u64, written: &[Written]) -> Result<(Vec<Arc<Change>>, bool)> {
+    fn own_rows(&mut self, base: u64, written: &[Written]) -> Result<(Vec<Change>, bool)> {
         if written.is_empty() {
             return Ok((Vec::new(), true));
         }
-        let mut out: Vec<Arc<Change>> = Vec::with_capacity(written.len());
+        let mut out: Vec<Change> = Vec::with_capacity(written.len());
         let mut extra = 0usize;
         let mut stmt = self.conn.prepare_cached(&self.sql.own)?;
         // Every row after `base` is this transaction's: we hold the write lock.
@@ -815,7 +815,7 @@ impl Store {
     }
 
     /// Up to `limit` change-log rows after `after`, in order, as changes.
-    fn read_log(&mut self, after: u64, limit: usize) -> Result<Vec<Arc<Change>>> {
+    fn read_log(&mut self, after: u64, limit: usize) -> Result<Vec<Change>> {
         let mut stmt = self.conn.prepare_cached(&self.sql.tail)?;
         let rows = stmt
             .query_map(params![after as i64, limit as i64], |r| {
@@ -834,7 +834,7 @@ impl Store {
 
     /// Hands changes read from the log after `last_seq` to the core (a resync first when the
     /// log was pruned past our position).
-    fn feed(&mut self, changes: Vec<Arc<Change>>) {
+    fn feed(&mut self, changes: Vec<Change>) {
         let (Some(first), Some(last)) = (changes.first(), changes.last()) else {
             return;
         };
@@ -864,7 +864,7 @@ impl Store {
             .metrics
             .source_position
             .store(self.last_seq as i64, Relaxed);
-        let events = self.core.ingest_shared(changes);
+        let events = self.core.ingest(changes);
         self.batcher.push(events, Instant::now());
     }
 
