@@ -532,6 +532,38 @@ async function catchupRound(U, round, { rows = CATCHUP_ROWS, perTx = 1, name = '
 // ---------------------------------------------------------------------------------------------
 // 3. Push throughput
 
+// Clock ticks per second of the CPU times in /proc/PID/stat (USER_HZ).
+const CLOCK_TICKS = (() => {
+  try {
+    return Number(require('node:child_process').execFileSync('getconf', ['CLK_TCK']).toString().trim()) || 100;
+  } catch {
+    return 100;
+  }
+})();
+
+/** CPU time (ms, user + system) the private server's process has used so far, or NaN. */
+function serverCpuMs() {
+  const pid = SERVER && SERVER.pid();
+  if (!pid) return NaN;
+  try {
+    // Fields 14 and 15 of /proc/PID/stat (after the command name in parentheses), in clock ticks.
+    const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    return ((Number(f[11]) + Number(f[12])) * 1000) / CLOCK_TICKS;
+  } catch {
+    return NaN;
+  }
+}
+
+/** The CPU of the timed part of a push run, per upsert: the server's and this process's (µs). */
+async function cpuPerUpsert(run) {
+  const server0 = serverCpuMs();
+  const own0 = process.cpuUsage();
+  const timed = await run();
+  const own = process.cpuUsage(own0);
+  const per = (ms) => (timed.done > 0 ? (ms * 1000) / timed.done : NaN);
+  return { timed, serverCpuUs: per(serverCpuMs() - server0), clientCpuUs: per((own.user + own.system) / 1000) };
+}
+
 function pushValue(i, pusher) {
   return { i, by: pusher, p: VALUE_PAD };
 }
@@ -542,13 +574,14 @@ async function pushRun(U, mode) {
   let timed;
   let deadlockRetries = 0;
   let extra = {};
+  let cpu = { serverCpuUs: NaN, clientCpuUs: NaN };
   if (mode.kind === 'usp') {
     const s = new U(streamerConfig(table));
     s.on('error', () => {});
     try {
       await s.init();
       warm = await drive((i, p) => s.push(`w:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSH_WARMUP, PUSHERS, TIMEOUT_MS);
-      timed = await drive((i, p) => s.push(`p:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSHES, PUSHERS, TIMEOUT_MS);
+      ({ timed, ...cpu } = await cpuPerUpsert(() => drive((i, p) => s.push(`p:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSHES, PUSHERS, TIMEOUT_MS)));
       const st = s.getStatus();
       extra = { engineMode: st.mode, engineStore: st.store };
     } finally {
@@ -581,7 +614,7 @@ async function pushRun(U, mode) {
         }
       };
       warm = await drive((i, p) => upsert(`w:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSH_WARMUP, PUSHERS, TIMEOUT_MS);
-      timed = await drive((i, p) => upsert(`p:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSHES, PUSHERS, TIMEOUT_MS);
+      ({ timed, ...cpu } = await cpuPerUpsert(() => drive((i, p) => upsert(`p:${i % PUSH_KEYS}`, pushValue(i, p)), 0, PUSHES, PUSHERS, TIMEOUT_MS)));
     } finally {
       await pool.end().catch(() => {});
     }
@@ -598,6 +631,10 @@ async function pushRun(U, mode) {
     ms: timed.ms,
     pushesPerSec: (timed.done / timed.ms) * 1000,
     deadlockRetries,
+    // CPU per upsert of the timed part: the MariaDB server process, and this process (all its
+    // threads: JavaScript, the engine's native threads, mysql2).
+    serverCpuUs: cpu.serverCpuUs,
+    clientCpuUs: cpu.clientCpuUs,
     check,
     expectedKeys: Math.min(PUSH_KEYS, timed.done),
     ...extra,
@@ -622,7 +659,7 @@ async function main() {
   const t0server = Date.now();
   // Whatever happens from here on (an exception, Ctrl-C), the server goes down with us.
   stopAllOnExit();
-  SERVER = await startPrivateServer({ name: 'mariadb', label: 'MariaDB', script: SCRIPT, extra: ['binlog'] });
+  SERVER = await startPrivateServer({ name: 'mariadb', label: 'MariaDB', script: SCRIPT, extra: ['binlog'], pidFile: 'mysqld.pid' });
   console.log(`private MariaDB on ${HOST}:${SERVER.port} (${((Date.now() - t0server) / 1000).toFixed(1)} s to start), data in ${SERVER.dir}`);
   let serverInfo = null;
   const rounds = { latency: [], live: [], catchup: [], catchupBulk: [], push: [] };
@@ -703,6 +740,7 @@ async function main() {
         console.log(
           `  round ${r} push/${mode.name.padEnd(17)} ${fmt(res.pushesPerSec, 0)} upserts/s` +
             `  (${res.done}/${res.pushes} in ${fmt(res.ms, 0)} ms; SUM(version) ${res.check.versionSum} over ${res.check.keys} keys` +
+            `; CPU per upsert: server ${fmt(res.serverCpuUs, 1)} µs, this process ${fmt(res.clientCpuUs, 1)} µs` +
             `${res.deadlockRetries ? `; ${res.deadlockRetries} deadlock retries` : ''}` +
             `${res.engineStore ? `; engine: ${fmt(res.engineStore.writes / res.engineStore.transactions, 1)} writes per transaction` : ''})`,
         );
@@ -760,7 +798,13 @@ async function main() {
   for (const m of PUSH_MODES) {
     const rs = rounds.push.filter((x) => x.mode === m.name);
     const all = rs.length > 0 && rs.every((x) => x.completed && !x.errors);
-    push[m.name] = { rounds: rs.length, pushesPerSec: all ? med(rs, (x) => x.pushesPerSec) : NaN, ms: med(rs, (x) => x.ms) };
+    push[m.name] = {
+      rounds: rs.length,
+      pushesPerSec: all ? med(rs, (x) => x.pushesPerSec) : NaN,
+      ms: med(rs, (x) => x.ms),
+      serverCpuUs: med(rs, (x) => x.serverCpuUs),
+      clientCpuUs: med(rs, (x) => x.clientCpuUs),
+    };
   }
   const ratios = {
     latencyP50ZongjiOverUsp: latency.zongji.p50 / latency.usp.p50,
@@ -827,11 +871,18 @@ async function main() {
   catchupTable(`2c. the same, ${BULK_ROWS} rows written ${BULK_PER_TX} per transaction (multi-row upserts) (median of rounds)`, catchupBulk);
   printTable(
     `3. push throughput, ${PUSHES} upserts over ${PUSH_KEYS} keys by ${PUSHERS} concurrent async loops (median of rounds)`,
-    ['mode', 'rounds', 'upserts/s', 'ms', 'vs mysql2'],
+    ['mode', 'rounds', 'upserts/s', 'ms', 'server CPU µs/upsert', 'client CPU µs/upsert', 'vs mysql2'],
     PUSH_MODES.map((m) => {
       const x = push[m.name];
-      return [m.label, String(x.rounds), fmt(x.pushesPerSec, 0), fmt(x.ms, 0), ratioCell(x.pushesPerSec / push.mysql2.pushesPerSec)];
+      return [m.label, String(x.rounds), fmt(x.pushesPerSec, 0), fmt(x.ms, 0), fmt(x.serverCpuUs, 1), fmt(x.clientCpuUs, 1), ratioCell(x.pushesPerSec / push.mysql2.pushesPerSec)];
     }),
+  );
+  // What the CPU per upsert allows on this machine: both processes share its cores.
+  const cores = machine.cpuCount;
+  const ceiling = 1e6 / ((push.usp.serverCpuUs + push.usp.clientCpuUs) / cores);
+  console.log(
+    `push(): server ${fmt(push.usp.serverCpuUs, 1)} + this process ${fmt(push.usp.clientCpuUs, 1)} µs of CPU per upsert; ` +
+      `with all ${cores} cores busy that allows at most ${fmt(ceiling, 0)} upserts/s`,
   );
 
   const summary = [];
@@ -858,6 +909,8 @@ async function main() {
   summary.push({ metric: 'MySQL catch-up (multi-row transactions) events/s ratio ultimate-streaming / zongji', value: ratios.catchupBulkUspOverZongji, unit: 'x' });
   for (const m of PUSH_MODES) {
     summary.push({ metric: `MySQL upserts/s, ${m.label} (${PUSHES} over ${PUSH_KEYS} keys)`, value: push[m.name].pushesPerSec, unit: 'ops/s' });
+    summary.push({ metric: `MySQL server CPU per upsert, ${m.label}`, value: push[m.name].serverCpuUs, unit: 'µs' });
+    summary.push({ metric: `MySQL client process CPU per upsert, ${m.label}`, value: push[m.name].clientCpuUs, unit: 'µs' });
   }
   summary.push({ metric: 'MySQL push throughput ratio ultimate-streaming / mysql2', value: ratios.pushUspOverMysql2, unit: 'x' });
 
