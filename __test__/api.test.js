@@ -221,6 +221,21 @@ describe('change events', () => {
     }
   });
 
+  test('event data arrives exactly, ASCII-only batches and batches with other characters alike', async () => {
+    const s = make({ connection: { path: ':memory:' } });
+    const seen = [];
+    s.on('change', (e) => seen.push([e.key, e.data]));
+    await s.init();
+    // One push at a time: each batch is all ASCII (copied as is) or not (decoded from UTF-8).
+    const values = [{ s: 'plain' }, { s: 'é' }, { s: 'ÿ€😀', n: [1, 'x\u0001'] }, { s: 'plain again' }, { s: '\u00ff' }];
+    for (const [i, v] of values.entries()) {
+      await s.push(`d${i}`, v);
+      await waitFor(() => seen.length === i + 1, `change event ${i + 1}`);
+    }
+    expect(seen).toEqual(values.map((v, i) => [`d${i}`, v]));
+    await s.close();
+  });
+
   test('prefix filters, once and off', async () => {
     const s = make({ connection: { path: ':memory:' } });
     const prices = [];

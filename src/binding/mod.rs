@@ -45,7 +45,24 @@ struct JsBatch {
     commit_ts: Vec<i64>,
 }
 
-type EventsFn = ThreadsafeFunction<JsBatch, (), FnArgs<(String, f64)>, Status, false>;
+type EventsFn = ThreadsafeFunction<JsBatch, (), FnArgs<(BatchText, f64)>, Status, false>;
+
+/// An encoded batch on its way to JavaScript. ASCII text (most JSON) becomes a string by a plain
+/// copy (`latin1`); other text is decoded from UTF-8.
+struct BatchText(String);
+
+impl ToNapiValue for BatchText {
+    unsafe fn to_napi_value(
+        env: napi::sys::napi_env,
+        val: Self,
+    ) -> napi::Result<napi::sys::napi_value> {
+        if val.0.is_ascii() {
+            Latin1String::to_napi_value(env, Latin1String::from(val.0))
+        } else {
+            String::to_napi_value(env, val.0)
+        }
+    }
+}
 type CompletionsFn = ThreadsafeFunction<String, (), String, Status, false>;
 
 /// Delivers event batches to the JavaScript dispatcher: one call per batch, one JSON string
@@ -140,7 +157,7 @@ impl NativeStreamer {
                 metrics.record_batch(b.commit_ts.len() as u64);
                 // The hand-off time, on the same clock as the commit timestamps.
                 Ok(FnArgs {
-                    data: (b.json, now as f64 / 1000.0),
+                    data: (BatchText(b.json), now as f64 / 1000.0),
                 })
             })?;
         let completions: CompletionsFn = on_complete
