@@ -63,6 +63,7 @@ impl ToNapiValue for BatchText {
         }
     }
 }
+
 type CompletionsFn = ThreadsafeFunction<String, (), String, Status, false>;
 
 /// Delivers event batches to the JavaScript dispatcher: one call per batch, one JSON string

@@ -528,16 +528,7 @@ impl BinlogCapture {
                         seen_maps.insert(t.table_id, SeenMap { body, table, spec });
                     }
                 }
-                BinlogEvent::XidEvent(_) => {
-                    self.commit(
-                        cp,
-                        &file,
-                        header.next_event_position,
-                        &mut pending,
-                        &mut saw_rows,
-                        &mut outbox,
-                    );
-                }
+                // (An XID, the commit of a transaction, ended it above, undecoded.)
                 // COMMIT of a non-transactional table, or DDL: a transaction boundary.
                 BinlogEvent::QueryEvent(q) if q.sql_statement != "BEGIN" => {
                     self.commit(
