@@ -57,7 +57,7 @@
 
 const fs = require('node:fs');
 const path = require('node:path');
-const { spawn } = require('node:child_process');
+const { spawn, execFileSync } = require('node:child_process');
 const {
   ROOT,
   nowMs,
@@ -535,7 +535,7 @@ async function catchupRound(U, round, { rows = CATCHUP_ROWS, perTx = 1, name = '
 // Clock ticks per second of the CPU times in /proc/PID/stat (USER_HZ).
 const CLOCK_TICKS = (() => {
   try {
-    return Number(require('node:child_process').execFileSync('getconf', ['CLK_TCK']).toString().trim()) || 100;
+    return Number(execFileSync('getconf', ['CLK_TCK']).toString().trim()) || 100;
   } catch {
     return 100;
   }
