@@ -82,7 +82,7 @@ export interface StreamerOptions {
   maxValueSize?: number;
   /** Maximum key length in characters (1..191). Default 191. */
   maxKeyLength?: number;
-  /** Events kept for replay to reconnecting consumers. Default 10000. */
+  /** Events kept for replay to reconnecting WebSocket clients, while the hub runs (`listen()`). Default 10000. */
   historySize?: number;
   /** Bytes of keys and values the replay history may hold. Default 64 MiB. */
   historyMaxBytes?: number;

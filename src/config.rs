@@ -188,7 +188,8 @@ pub struct Config {
     pub max_value_size: usize,
     /// Maximum key length, in characters. Default 191.
     pub max_key_length: usize,
-    /// Events kept in the in-memory history ring (for replay to reconnecting clients). Default 10000.
+    /// Events kept in the in-memory history ring for replay to reconnecting WebSocket clients,
+    /// while the hub runs. Default 10000.
     pub history_size: usize,
     /// Bytes of keys and values the history ring may hold. Default 64 MiB.
     pub history_max_bytes: usize,

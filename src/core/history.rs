@@ -56,8 +56,14 @@ impl History {
         self.last
     }
 
-    /// Seqs up to `seq` were handed out before this ring existed (and are not held).
+    /// Seqs up to `seq` were handed out without being held here (before this ring existed, or
+    /// while no hub ran). What the ring held before them is dropped: it only ever holds an
+    /// unbroken run of seqs, so a replay from before `seq` reports a gap.
     pub fn continue_after(&mut self, seq: u64) {
+        if seq > self.last && !self.ring.is_empty() {
+            self.ring.clear();
+            self.bytes = 0;
+        }
         self.last = self.last.max(seq);
     }
 
@@ -188,6 +194,28 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn seqs_passed_by_break_the_run_so_what_came_before_is_dropped() {
+        let mut h = History::new(10, 1 << 20);
+        for s in 1..=3 {
+            h.push(s, ev(s));
+        }
+        h.continue_after(3);
+        assert_eq!(h.len(), 3, "nothing passed by");
+        h.continue_after(6);
+        assert!(h.is_empty());
+        assert_eq!(h.bytes(), 0);
+        h.push(7, ev(7));
+        assert_eq!(
+            h.since(2, h.last()),
+            Replay::Gap {
+                from: 3,
+                to: 6,
+                events: vec![ev(7)]
+            }
+        );
     }
 
     #[test]

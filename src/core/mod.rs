@@ -87,9 +87,10 @@ impl Core {
             .saturating_sub(self.metrics.dispatch_queue_depth.load(Relaxed))
     }
 
-    /// Admits new changes (in source order), updates the cache and history, and returns the
-    /// events to deliver. A change is numbered while the source's vector still holds it (read
-    /// in order, no atomic operation), then moved into the `Arc` it is shared by from there on.
+    /// Admits new changes (in source order), updates the cache and (while a hub runs) the
+    /// history, and returns the events to deliver. A change is numbered while the source's
+    /// vector still holds it (read in order, no atomic operation), then moved into the `Arc` it
+    /// is shared by from there on.
     pub fn ingest(&self, changes: Vec<Change>) -> Vec<Event> {
         let mut admitted = Vec::with_capacity(changes.len());
         {
@@ -127,11 +128,17 @@ impl Core {
         }
         {
             let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
-            for c in &admitted {
-                h.push(c.seq, Event::Change(c.clone()));
-            }
-            if let Some(p) = &*self.publisher.read().unwrap_or_else(|p| p.into_inner()) {
-                p.publish(&admitted);
+            match &*self.publisher.read().unwrap_or_else(|p| p.into_inner()) {
+                Some(p) => {
+                    for c in &admitted {
+                        h.push(c.seq, Event::Change(c.clone()));
+                    }
+                    p.publish(&admitted);
+                }
+                // No hub, so nobody can ask for a replay: holding the changes would only keep
+                // their memory cold until eviction. A hub started later replays from then on
+                // and answers an older `since` with a gap.
+                None => h.continue_after(admitted[n - 1].seq),
             }
         }
         self.metrics.events_captured.fetch_add(n as u64, Relaxed);
@@ -190,5 +197,72 @@ impl Core {
     pub fn history_len(&self) -> (usize, usize) {
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
         (h.len(), h.bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{ChangeKind, ChangeLogSeq, Position};
+
+    fn change(n: u64) -> Change {
+        Change {
+            kind: ChangeKind::Insert,
+            key: format!("k{n}").into(),
+            data: Some("1".into()),
+            version: 1,
+            versioned: true,
+            seq: 0,
+            position: Position::ChangeLog(ChangeLogSeq(n)),
+            source: "test",
+            commit_ts_us: 0,
+            table: None,
+            before: None,
+            meta: None,
+        }
+    }
+
+    struct Seen(Mutex<Vec<u64>>);
+
+    impl Publisher for Seen {
+        fn publish(&self, changes: &[Arc<Change>]) {
+            self.0.lock().unwrap().extend(changes.iter().map(|c| c.seq));
+        }
+    }
+
+    #[test]
+    fn the_history_holds_changes_only_while_a_hub_can_replay_them() {
+        let core = Core::new(None, 100, 1 << 20, 100, Arc::new(Metrics::new()), 1000);
+        core.ingest((1..=5).map(change).collect());
+        assert_eq!(core.history_len().0, 0, "no hub: nothing held");
+
+        let hub = Arc::new(Seen(Mutex::new(Vec::new())));
+        core.set_publisher(Some(hub.clone()));
+        core.ingest((6..=8).map(change).collect());
+        assert_eq!(*hub.0.lock().unwrap(), vec![6, 7, 8]);
+        // A resume from before the hub started is told what it missed; one after is replayed.
+        let ((), replay) = core.subscribe_at(Some(2), |last| assert_eq!(last, 8));
+        match replay {
+            Some(Replay::Gap { from, to, events }) => {
+                assert_eq!((from, to, events.len()), (3, 5, 3))
+            }
+            other => panic!("{other:?}"),
+        }
+        let ((), replay) = core.subscribe_at(Some(6), |_| ());
+        assert!(matches!(replay, Some(Replay::Events(e)) if e.len() == 2));
+
+        // Stopped and started again: the ring never spans the time without a hub.
+        core.set_publisher(None);
+        core.ingest((9..=10).map(change).collect());
+        assert_eq!(core.history_len().0, 0);
+        core.set_publisher(Some(hub));
+        core.ingest(vec![change(11)]);
+        let ((), replay) = core.subscribe_at(Some(7), |last| assert_eq!(last, 11));
+        match replay {
+            Some(Replay::Gap { from, to, events }) => {
+                assert_eq!((from, to, events.len()), (8, 10, 1))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

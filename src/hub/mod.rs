@@ -403,8 +403,10 @@ impl Hub {
             tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| Error::Internal(format!("hub socket: {e}")))?
         };
-        runtime.spawn(server::serve(listener, shared.clone()));
+        // Publishing starts before the first connection can be accepted, so a subscriber never
+        // registers at a seq whose successors are not published to it.
         core.set_publisher(Some(shared.clone()));
+        runtime.spawn(server::serve(listener, shared.clone()));
         tracing::info!(%url, "hub listening");
         Ok(Hub {
             shared,
