@@ -192,6 +192,18 @@ fn log_change(
     }
 }
 
+/// The change of a row of the `tail` query.
+fn tail_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Change> {
+    // Borrow the text columns: one allocation per value, straight into its Arc.
+    let key: Arc<str> = Arc::from(r.get_ref(1)?.as_str()?);
+    let kind = log_kind(r.get_ref(4)?.as_str()?);
+    let data = match (kind, r.get_ref(2)?.as_str_or_null()?) {
+        (ChangeKind::Delete, _) | (_, None) => None,
+        (_, Some(v)) => Some(json_or_string(v, &key)),
+    };
+    Ok(log_change(r.get(0)?, key, data, r.get(3)?, kind, r.get(5)?))
+}
+
 /// The change-log seq of a change read from the log.
 fn log_seq(c: &Change) -> u64 {
     match c.position {
@@ -817,19 +829,14 @@ impl Store {
     /// Up to `limit` change-log rows after `after`, in order, as changes.
     fn read_log(&mut self, after: u64, limit: usize) -> Result<Vec<Change>> {
         let mut stmt = self.conn.prepare_cached(&self.sql.tail)?;
-        let rows = stmt
-            .query_map(params![after as i64, limit as i64], |r| {
-                // Borrow the text columns: one allocation per value, straight into its Arc.
-                let key: Arc<str> = Arc::from(r.get_ref(1)?.as_str()?);
-                let kind = log_kind(r.get_ref(4)?.as_str()?);
-                let data = match (kind, r.get_ref(2)?.as_str_or_null()?) {
-                    (ChangeKind::Delete, _) | (_, None) => None,
-                    (_, Some(v)) => Some(json_or_string(v, &key)),
-                };
-                Ok(log_change(r.get(0)?, key, data, r.get(3)?, kind, r.get(5)?))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows)
+        let mut rows = stmt.query(params![after as i64, limit as i64])?;
+        // Sized once: collecting from the row iterator (no size hint) grew the vector by
+        // reallocating and copying the changes read so far.
+        let mut out = Vec::with_capacity(limit);
+        while let Some(r) = rows.next()? {
+            out.push(tail_row(r)?);
+        }
+        Ok(out)
     }
 
     /// Hands changes read from the log after `last_seq` to the core (a resync first when the
