@@ -7,6 +7,7 @@
 pub mod mongo;
 pub mod mysql;
 pub mod sqlite;
+mod sqlite_tail;
 mod wal_watch;
 
 use serde_json::{json, Value};

@@ -15,6 +15,7 @@ use crate::core::cache::CacheEntry;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::event::{json_or_string, now_us, Change, ChangeKind, ChangeLogSeq, Event, Position};
+use crate::source::sqlite_tail::TailQuery;
 use crate::source::wal_watch::WalWatch;
 use crate::source::StoreContext;
 use crate::store::{Completion, CompletionSink, Op};
@@ -158,7 +159,7 @@ impl Sql {
                  WHERE k = ?1 AND deleted = 0"
             ),
             get: format!("SELECT v, version, deleted FROM {t} WHERE k = ?1"),
-            tail: format!("SELECT seq, k, v, version, op, ts FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
+            tail: tail_sql(t),
             prune: format!("DELETE FROM {t}_changes WHERE seq <= ?1"),
             log_end: format!("SELECT seq FROM sqlite_sequence WHERE name = '{t}_changes'"),
             own: format!("SELECT seq, k, op, version, ts, v FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
@@ -167,8 +168,15 @@ impl Sql {
     }
 }
 
+/// The change-log rows after `?1`, at most `?2`, in order: the columns `TailQuery` reads.
+pub(super) fn tail_sql(t: &str) -> String {
+    format!(
+        "SELECT seq, k, v, version, op, ts FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+    )
+}
+
 /// The change of one change-log row.
-fn log_change(
+pub(super) fn log_change(
     seq: i64,
     key: Arc<str>,
     data: Option<Arc<str>>,
@@ -190,18 +198,6 @@ fn log_change(
         before: None,
         meta: None,
     }
-}
-
-/// The change of a row of the `tail` query.
-fn tail_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Change> {
-    // Borrow the text columns: one allocation per value, straight into its Arc.
-    let key: Arc<str> = Arc::from(r.get_ref(1)?.as_str()?);
-    let kind = log_kind(r.get_ref(4)?.as_str()?);
-    let data = match (kind, r.get_ref(2)?.as_str_or_null()?) {
-        (ChangeKind::Delete, _) | (_, None) => None,
-        (_, Some(v)) => Some(json_or_string(v, &key)),
-    };
-    Ok(log_change(r.get(0)?, key, data, r.get(3)?, kind, r.get(5)?))
 }
 
 /// The change-log seq of a change read from the log.
@@ -234,6 +230,9 @@ pub struct StoreThread {
 }
 
 struct Store {
+    /// Declared before `conn`: fields drop in order, and the statement must be finalized
+    /// before its connection closes.
+    tail_query: TailQuery,
     conn: Connection,
     /// When this thread last committed (µs since the epoch): the file watch ignores the WAL
     /// writes of our own commits instead of waking this thread for them.
@@ -499,10 +498,12 @@ impl Store {
             .unwrap_or(0);
         let data_version: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
         core.metrics.source_position.store(last_seq, Relaxed);
+        let sql = Sql::new(&t);
         Ok(Store {
+            tail_query: TailQuery::prepare(&conn, &sql.tail)?,
             conn,
             own_commit_us: Arc::new(AtomicI64::new(0)),
-            sql: Sql::new(&t),
+            sql,
             core,
             completions,
             last_seq: last_seq as u64,
@@ -828,14 +829,10 @@ impl Store {
 
     /// Up to `limit` change-log rows after `after`, in order, as changes.
     fn read_log(&mut self, after: u64, limit: usize) -> Result<Vec<Change>> {
-        let mut stmt = self.conn.prepare_cached(&self.sql.tail)?;
-        let mut rows = stmt.query(params![after as i64, limit as i64])?;
-        // Sized once: collecting from the row iterator (no size hint) grew the vector by
+        // Sized once: collecting from a row iterator (no size hint) grew the vector by
         // reallocating and copying the changes read so far.
         let mut out = Vec::with_capacity(limit);
-        while let Some(r) = rows.next()? {
-            out.push(tail_row(r)?);
-        }
+        self.tail_query.read(after, limit, &mut out)?;
         Ok(out)
     }
 
