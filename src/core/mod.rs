@@ -201,11 +201,12 @@ impl Core {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::event::{ChangeKind, ChangeLogSeq, Position};
 
-    fn change(n: u64) -> Change {
+    /// An insert of key `k<n>` at change-log position `n` (shared by the core's tests).
+    pub(crate) fn change(n: u64) -> Change {
         Change {
             kind: ChangeKind::Insert,
             key: format!("k{n}").into(),

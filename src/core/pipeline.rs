@@ -241,7 +241,7 @@ fn advance<C: Checkpoint>(delivered: &Mutex<Option<C>>, c: C) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{ChangeKind, ChangeLogSeq, Position};
+    use crate::core::tests::change;
     use crate::metrics::Metrics;
     use crate::sink::Ack;
 
@@ -261,23 +261,6 @@ mod tests {
             self.arrived.lock().unwrap().push(Instant::now());
             self.held.lock().unwrap().push(ack);
             true
-        }
-    }
-
-    fn change(n: u64) -> Change {
-        Change {
-            kind: ChangeKind::Insert,
-            key: format!("k{n}").into(),
-            data: Some("1".into()),
-            version: 1,
-            versioned: true,
-            seq: 0,
-            position: Position::ChangeLog(ChangeLogSeq(n)),
-            source: "test",
-            commit_ts_us: 0,
-            table: None,
-            before: None,
-            meta: None,
         }
     }
 
