@@ -1,6 +1,7 @@
-//! The change-log tail query, stepped and read through SQLite's C API. Through rusqlite each
-//! value read costs four library calls (column count, type, text, length) and the tail reads
-//! six per change; here a text costs two and an integer one. Everything unsafe is in this file.
+//! The change-log tail query, stepped and read through SQLite's C API. Through rusqlite a text
+//! value read costs four library calls (column count, type, text, length) and an integer three,
+//! and the tail reads six values per change; here a text costs two calls and an integer one.
+//! Everything unsafe is in this file.
 
 use rusqlite::{ffi, Connection};
 use std::ffi::{CStr, CString};
