@@ -139,7 +139,6 @@ struct Sql {
     upsert: String,
     delete: String,
     get: String,
-    tail: String,
     prune: String,
     log_end: String,
     /// Our rows, to match against our writes.
@@ -159,7 +158,6 @@ impl Sql {
                  WHERE k = ?1 AND deleted = 0"
             ),
             get: format!("SELECT v, version, deleted FROM {t} WHERE k = ?1"),
-            tail: tail_sql(t),
             prune: format!("DELETE FROM {t}_changes WHERE seq <= ?1"),
             log_end: format!("SELECT seq FROM sqlite_sequence WHERE name = '{t}_changes'"),
             own: format!("SELECT seq, k, op, version, ts, v FROM {t}_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
@@ -209,10 +207,10 @@ fn log_seq(c: &Change) -> u64 {
 }
 
 /// The kind of change of a change-log row's `op`.
-fn log_kind(op: &str) -> ChangeKind {
+pub(super) fn log_kind(op: &[u8]) -> ChangeKind {
     match op {
-        "insert" => ChangeKind::Insert,
-        "delete" => ChangeKind::Delete,
+        b"insert" => ChangeKind::Insert,
+        b"delete" => ChangeKind::Delete,
         _ => ChangeKind::Update,
     }
 }
@@ -498,12 +496,11 @@ impl Store {
             .unwrap_or(0);
         let data_version: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
         core.metrics.source_position.store(last_seq, Relaxed);
-        let sql = Sql::new(&t);
         Ok(Store {
-            tail_query: TailQuery::prepare(&conn, &sql.tail)?,
+            tail_query: TailQuery::prepare(&conn, &tail_sql(&t))?,
             conn,
             own_commit_us: Arc::new(AtomicI64::new(0)),
-            sql,
+            sql: Sql::new(&t),
             core,
             completions,
             last_seq: last_seq as u64,
@@ -741,7 +738,7 @@ impl Store {
                 extra += 1;
                 continue;
             };
-            let kind = log_kind(r.get_ref(2)?.as_str().unwrap_or_default());
+            let kind = log_kind(r.get_ref(2)?.as_bytes().unwrap_or_default());
             let v = r.get_ref(5)?;
             let same_value = match value {
                 Some(json) => v.as_str().ok() == Some(&**json),

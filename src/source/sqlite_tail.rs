@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::event::{json_or_string, Change, ChangeKind};
+use crate::source::sqlite::{log_change, log_kind};
 
 /// A prepared `SELECT seq, k, v, version, op, ts FROM <log> WHERE seq > ?1 ORDER BY seq
 /// LIMIT ?2`. It must be dropped (finalized) before the connection it was prepared on closes:
@@ -83,26 +84,16 @@ impl Drop for TailQuery {
 /// # Safety
 /// `s` is a statement of the tail query whose last step returned `SQLITE_ROW`.
 unsafe fn row(s: *mut ffi::sqlite3_stmt) -> Change {
-    // The log's key column is NOT NULL; a key that is not UTF-8 (written by another program)
-    // is delivered with replacement characters rather than stopping the tail at its row.
-    let key: Arc<str> = match text(s, 1).map(std::str::from_utf8) {
-        Some(Ok(k)) => Arc::from(k),
-        Some(Err(_)) => Arc::from(String::from_utf8_lossy(text(s, 1).unwrap_or_default())),
-        None => Arc::from(""),
-    };
-    let kind = match text(s, 4) {
-        Some(b"insert") => ChangeKind::Insert,
-        Some(b"delete") => ChangeKind::Delete,
-        _ => ChangeKind::Update,
-    };
+    // Text that is not UTF-8 (written by another program) is delivered with replacement
+    // characters rather than stopping the tail at its row; valid text is borrowed, not copied.
+    // The log's key column is NOT NULL.
+    let key: Arc<str> = Arc::from(String::from_utf8_lossy(text(s, 1).unwrap_or_default()));
+    let kind = log_kind(text(s, 4).unwrap_or_default());
     let data = match (kind, text(s, 2)) {
         (ChangeKind::Delete, _) | (_, None) => None,
-        (_, Some(v)) => Some(match std::str::from_utf8(v) {
-            Ok(v) => json_or_string(v, &key),
-            Err(_) => json_or_string(&String::from_utf8_lossy(v), &key),
-        }),
+        (_, Some(v)) => Some(json_or_string(&String::from_utf8_lossy(v), &key)),
     };
-    super::sqlite::log_change(
+    log_change(
         ffi::sqlite3_column_int64(s, 0),
         key,
         data,
